@@ -1,0 +1,149 @@
+"""The model zoo: Table 1 and 2 of the paper, torchvision's counts, full convolutionality, inits, FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vggjax import models
+
+TORCHVISION_COUNTS = {
+    'vgg11': 132_863_336, 'vgg13': 133_047_848, 'vgg16': 138_357_544, 'vgg19': 143_667_240,
+    'vgg11_bn': 132_868_840, 'vgg13_bn': 133_053_736, 'vgg16_bn': 138_365_992, 'vgg19_bn': 143_678_248,
+}
+TABLE2_MILLIONS = {'A': 133, 'A-LRN': 133, 'B': 133, 'C': 134, 'D': 138, 'E': 144}
+
+
+@pytest.mark.parametrize('name', sorted(TORCHVISION_COUNTS))
+def test_param_count_equals_torchvision(name):
+  assert models.param_count(name, num_classes=1000, image_size=224) == TORCHVISION_COUNTS[name]
+
+
+@pytest.mark.parametrize('letter', sorted(TABLE2_MILLIONS))
+def test_param_count_matches_table2(letter):
+  assert round(models.param_count(letter) / 1e6) == TABLE2_MILLIONS[letter]
+
+
+def test_every_name_builds_and_unknown_name_lists_valid_ones():
+  for name in models.MODEL_NAMES:
+    assert isinstance(models.get_model(name), models.VGG)
+  with pytest.raises(ValueError, match='vgg16_c') as e:
+    models.get_model('vgg17')
+  assert "'vgg17'" in str(e.value) and 'A-LRN' in str(e.value)
+  with pytest.raises(ValueError, match='unknown model option'):
+    models.get_model('vgg11', widht=0.5)
+  with pytest.raises(ValueError, match='glorot'):
+    models.get_model('vgg11', init='he')
+
+
+def test_caffe_layer_names_and_config_c_has_1x1_convs():
+  shapes = models.variable_shapes(models.get_model('C'))['params']
+  assert list(shapes) == models.layer_names('C')
+  assert models.layer_names('E')[:3] == ['conv1_1', 'conv1_2', 'conv2_1']
+  assert 'conv5_4' in models.layer_names('E') and 'conv5_4' not in models.layer_names('D')
+  for layer in ('conv3_3', 'conv4_3', 'conv5_3'):
+    assert shapes[layer]['kernel'].shape[:2] == (1, 1)
+  for layer in ('conv3_2', 'conv4_2', 'conv5_2', 'conv1_1'):
+    assert shapes[layer]['kernel'].shape[:2] == (3, 3)
+  assert shapes['fc6']['kernel'].shape == (7, 7, 512, 4096)
+  bn = models.variable_shapes(models.get_model('vgg11_bn'))
+  assert set(bn['batch_stats']) == {n.replace('conv', 'bn') for n in models.conv_layer_names('vgg11')}
+
+
+def test_fc6_spans_final_map_at_training_size():
+  shapes = models.variable_shapes(models.get_model('vgg11', image_size=32, width=0.25, num_classes=10))
+  assert shapes['params']['fc6']['kernel'].shape == (1, 1, 128, 1024)
+
+
+def test_lrn_matches_krizhevsky_formula():
+  x = np.random.RandomState(0).randn(2, 3, 4, 9).astype(np.float32) * 10
+  got = np.asarray(models.local_response_norm(jnp.asarray(x)))
+  want = np.empty_like(x)
+  for c in range(9):
+    lo, hi = max(0, c - 2), min(9, c + 3)
+    want[..., c] = x[..., c] / (2 + 1e-4 * np.sum(x[..., lo:hi] ** 2, axis=-1)) ** 0.75
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # A-LRN applies it after conv1_1: outputs differ from A with the same params.
+  opts = dict(width=1 / 16, fc_features=32, init='glorot')
+  a, alrn = models.get_model('A', **opts), models.get_model('A-LRN', **opts)
+  img = jnp.asarray(np.random.RandomState(1).rand(1, 224, 224, 3) * 255, jnp.float32)
+  v = a.init(jax.random.key(0), img)
+  la, lb = np.asarray(a.apply(v, img)), np.asarray(alrn.apply(v, img))
+  assert np.abs(la - lb).max() > 0.1 * np.abs(la).max()
+
+
+@pytest.mark.parametrize('name', ['vgg11', 'vgg16_c', 'vgg13_bn'])
+def test_fully_convolutional_one_set_of_params(name):
+  model = models.get_model(name, width=1 / 16, fc_features=64, num_classes=7)
+  rng = np.random.RandomState(0)
+  x224 = jnp.asarray(rng.randn(2, 224, 224, 3), jnp.float32)
+  variables = model.init(jax.random.key(0), x224)
+  logits = model.apply(variables, x224)
+  smap = model.apply(variables, x224, method='score_map')
+  assert logits.shape == (2, 7) and smap.shape == (2, 1, 1, 7)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(smap[:, 0, 0]))
+  for size, cells in ((256, 2), (384, 6)):
+    x = jnp.asarray(rng.randn(2, size, size + 32, 3), jnp.float32)
+    smap = model.apply(variables, x, method='score_map')
+    assert smap.shape == (2, cells, cells + 1, 7)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x)), np.asarray(smap.mean(axis=(1, 2))),
+                               rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='below the training size 224'):
+    model.apply(variables, x224[:, :200])
+
+
+def test_bfloat16_compute_float32_params():
+  model = models.get_model('vgg11', width=1 / 8, fc_features=64, num_classes=5, image_size=32,
+                           dtype='bfloat16', init='glorot')
+  x = jnp.asarray(np.random.RandomState(0).rand(4, 32, 32, 3), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  out = model.apply(variables, x)
+  assert out.dtype == jnp.float32
+  f32 = models.get_model('vgg11', width=1 / 8, fc_features=64, num_classes=5, image_size=32, init='glorot')
+  ref = f32.apply(variables, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_dropout_only_in_training():
+  model = models.get_model('vgg11', width=1 / 8, fc_features=64, num_classes=5, image_size=32,
+                           init='glorot')
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+  a = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(1)})
+  b = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize('init,conv_std,fc_std', [
+    ('paper', 0.01, 0.01),
+    ('torchvision', np.sqrt(2 / (9 * 128)), 0.01),  # fan-out of conv2_1 at full width: 3*3*128
+    ('glorot', np.sqrt(2 / (9 * 64 + 9 * 128)), np.sqrt(2 / (25088 + 4096))),
+])
+def test_init_schemes(init, conv_std, fc_std):
+  model = models.get_model('vgg11', init=init)
+  x = jnp.zeros((1, 224, 224, 3))
+  # Initialise only what is needed to look at two layers, without a 0.5 GB allocation for all of them.
+  params = jax.jit(lambda k: model.init(k, x)['params'])(jax.random.key(0))
+  conv, fc = np.asarray(params['conv2_1']['kernel']), np.asarray(params['fc6']['kernel'])
+  assert abs(conv.mean()) < 0.1 * conv_std and abs(conv.std() - conv_std) < 0.02 * conv_std
+  assert abs(fc.std() - fc_std) < 0.01 * fc_std
+  assert all(not np.any(np.asarray(params[k]['bias'])) for k in params)
+  literal = models.get_model('vgg11', init='paper', init_std=0.1)  # "variance 1e-2" read literally
+  p = jax.jit(lambda k: literal.init(k, x)['params']['fc8']['kernel'])(jax.random.key(0))
+  assert abs(float(p.std()) - 0.1) < 0.002
+
+
+def test_flops():
+  f = models.flops('vgg16', 224)
+  assert f.score_map == (1, 1) and f.flops == 2 * f.macs
+  assert round(f.macs / 1e9, 2) == 15.47  # torchvision's published 15.47 G(MAC) for vgg16
+  assert round(models.flops('vgg19').macs / 1e9, 2) == 19.63
+  assert round(models.flops('vgg11').macs / 1e9, 2) == 7.61
+  assert models.flops('vgg16', 384).score_map == (6, 6)
+  # Dense evaluation at 384: convs cost the area ratio (2.94x), the FC layers run on 6x6 cells.
+  fc = 25088 * 4096 + 4096 * 4096 + 4096 * 1000
+  assert models.flops('vgg16', 384).macs == (f.macs - fc) * 384 ** 2 // 224 ** 2 + 36 * fc
+  with pytest.raises(ValueError):
+    models.flops('vgg16', 200)
