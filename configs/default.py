@@ -1,0 +1,78 @@
+"""The base config: the paper's ImageNet recipe (section 3.1) for VGG-D. Every other config starts here.
+
+Override any field on the command line: --config.optimizer.lr=0.02, --config.data.scale_max=512, ...
+"""
+
+import ml_collections
+
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- model (vggjax.models.get_model) ---
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vgg16'             # vgg11 vgg11_lrn vgg13 vgg16_c vgg16 vgg19, *_bn, or A A-LRN B C D E
+  c.model.num_classes = 0            # 0: the dataset's number of classes
+  c.model.width = 1.0                # multiplier of conv (and FC) widths; narrow nets for CPU runs
+  c.model.fc_features = 0            # 0: 4096 * width
+  c.model.dropout_rate = 0.5         # on fc6 and fc7
+  c.model.init = 'paper'             # paper (Gaussian, std init_std), glorot, torchvision
+  c.model.init_std = 0.01            # Caffe's std; the paper's "variance 1e-2" literally is 0.1
+  c.model.dtype = 'float32'          # compute dtype: float32 or bfloat16 (params stay float32)
+  c.model.remat = False              # recompute conv activations in the backward pass (saves memory)
+
+  # --- data (vggjax.data) ---
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'tfds'             # tfds, folder, digits, mnist, fashion_mnist
+  c.data.name = 'imagenet2012'       # TFDS dataset name (source=tfds)
+  c.data.data_dir = ''               # TFDS data_dir, image folder root, or IDX directory ('' = default)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.image_size = 224            # training crop (and fc6's extent: image_size // 32)
+  c.data.scale_min = 256             # training scale S; scale_min < scale_max: S ~ U[min, max] per image
+  c.data.scale_max = 256
+  c.data.eval_scale = 0              # Q for validation during training (0: S, or (Smin+Smax)/2 if jittered)
+  c.data.flip = True                 # random horizontal flip
+  c.data.color_shift = 0.1           # std of AlexNet's PCA lighting alpha (0 disables)
+  c.data.mean_rgb = IMAGENET_MEAN_RGB  # subtracted on the device (0-255 scale)
+  c.data.std_rgb = (1.0, 1.0, 1.0)
+  c.data.num_workers = 8             # Grain worker processes per host (0: in the main process)
+  c.data.prefetch = 2                # batches buffered per worker
+
+  # --- training loop (vggjax.train) ---
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 256    # split over all devices of all hosts (paper: 256 over 4 GPUs)
+  c.train.num_epochs = 74            # the paper stopped after 370K iterations (74 epochs)
+  c.train.max_steps = 0              # 0: num_epochs; otherwise stop after this many steps
+  c.train.log_every_steps = 50
+  c.train.eval_every_steps = 0       # 0: at the end of each epoch
+  c.train.checkpoint_every_steps = 1000  # also at each epoch end and at the end
+  c.train.keep_checkpoints = 3
+  c.train.nan_policy = 'stop'        # stop (keep the last good checkpoint) or skip (drop the step's update)
+  c.train.plot = True                # WORKDIR/curves.png at the end
+
+  # --- optimizer (vggjax.optim) ---
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 5e-4    # coupled L2 (added to the gradient), as Caffe
+  c.optimizer.decay_biases = False   # biases and norm parameters are not decayed by default
+  c.optimizer.schedule = 'plateau'   # plateau (the paper's), step, cosine, constant
+  c.optimizer.warmup_epochs = 0.0    # linear warm-up (modern use)
+  c.optimizer.plateau_factor = 0.1   # lr divided by 10 ...
+  c.optimizer.plateau_patience = 2   # ... when val top-1 has not improved for this many evaluations
+  c.optimizer.plateau_cooldown = 0   # evaluations to wait after a reduction
+  c.optimizer.plateau_min_delta = 0.0  # an improvement must exceed this (top-1 fraction)
+  c.optimizer.plateau_max_reductions = 3  # the paper: lr decreased 3 times
+  c.optimizer.step_epochs = (30, 60)  # step schedule: lr *= step_factor at these epochs
+  c.optimizer.step_factor = 0.1
+
+  # --- warm start (paper 3.1: B-E from A) ---
+  c.init_from = ''                   # a workdir or checkpoint of a net to copy layers from
+  c.init_layers = ('conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'fc6', 'fc7', 'fc8')
+
+  return c
