@@ -1,0 +1,139 @@
+"""Orbax checkpoints (DESIGN.md decision 6).
+
+Two kinds of directory hold weights, and ``load_weights`` reads both:
+
+* a training run: WORKDIR/config.json (the resolved config) and WORKDIR/checkpoints/<step>/ with the items
+  ``state`` (step, params, batch_stats, optimizer and schedule state, RNG) and ``data`` (the input
+  iterator's position). Saved by ``TrainCheckpointer`` (async, keep the last K, atomic: Orbax writes to a
+  temporary directory and renames it when complete, so a half-written step is never restored);
+* a weights directory (made by ``vggjax.convert`` or ``save_weights``): DIR/variables (params and, for _bn
+  models, batch_stats) and DIR/vggjax.json, the metadata: the model (name, num_classes, image_size, width,
+  fc_features), the normalization its inputs need, where the weights came from, and the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from vggjax import models
+from vggjax.preprocessing import Normalization
+
+META_FILE = 'vggjax.json'
+CHECKPOINT_DIR = 'checkpoints'
+MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
+
+
+def _abs(path: str | os.PathLike) -> epath.Path:
+  p = epath.Path(path)
+  return p if str(p).startswith(('gs://', 's3://')) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def save_weights(directory: str | os.PathLike, variables: Mapping, meta: Mapping) -> epath.Path:
+  """Writes variables ({'params', ['batch_stats']}) and their metadata to a weights directory."""
+  directory = _abs(directory)
+  missing = [k for k in ('name', 'num_classes', 'image_size') if k not in meta.get('model', {})]
+  if missing:
+    raise ValueError(f'weights metadata needs model.{missing}; got {dict(meta)}')
+  directory.mkdir(parents=True, exist_ok=True)
+  target = directory / 'variables'
+  if target.exists():
+    target.rmtree()
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, jax.tree_util.tree_map(np.asarray, dict(variables)))
+  ckptr.wait_until_finished()
+  (directory / META_FILE).write_text(json.dumps(dict(meta), indent=2))
+  return directory
+
+
+def meta_from_config(config: Mapping) -> dict:
+  """Weights metadata from a training run's resolved config (a dict as in WORKDIR/config.json)."""
+  m, d = config['model'], config['data']
+  return {
+      'model': {'name': m['name'], 'num_classes': m['num_classes'], 'image_size': d['image_size'],
+                'width': m.get('width', 1.0), 'fc_features': m.get('fc_features', 0) or None},
+      'normalization': Normalization(mean=tuple(d['mean_rgb']), std=tuple(d['std_rgb'])).to_dict(),
+      'source': 'vggjax training run',
+      'labels': config.get('labels'),
+      'data': {'scale_min': d['scale_min'], 'scale_max': d['scale_max']},
+  }
+
+
+def model_from_meta(meta: Mapping, **overrides) -> models.VGG:
+  """The VGG that weights metadata describes (dropout and dtype may be overridden)."""
+  m = {k: v for k, v in meta['model'].items() if k in MODEL_KEYS and v is not None}
+  name = m.pop('name')
+  return models.get_model(name, **{**m, **overrides})
+
+
+def normalization_from_meta(meta: Mapping) -> Normalization:
+  return Normalization.from_dict(meta.get('normalization') or {})
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint step of a training run (None if there is none)."""
+  directory = _abs(workdir) / CHECKPOINT_DIR
+  if not directory.exists():
+    return None
+  steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp, 'utils') else []
+  if not steps:
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps) if steps else None
+
+
+def _resolve(path: str | os.PathLike) -> tuple[str, epath.Path, int | None]:
+  """('weights', dir, None) or ('run', workdir, step) for a weights dir, a workdir, or a step directory."""
+  p = _abs(path)
+  if (p / META_FILE).exists():
+    return 'weights', p, None
+  if (p / 'config.json').exists():
+    step = latest_step(p)
+    if step is None:
+      raise FileNotFoundError(f'{p} is a training run with no complete checkpoint in {p / CHECKPOINT_DIR}')
+    return 'run', p, step
+  if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / 'config.json').exists():
+    return 'run', p.parent.parent, int(p.name)
+  raise FileNotFoundError(
+      f'{p} is neither a weights directory (with {META_FILE}), a training workdir (with config.json and '
+      f'{CHECKPOINT_DIR}/) nor a checkpoint step directory (WORKDIR/{CHECKPOINT_DIR}/<step>)')
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+  """The weights metadata of a weights directory, a workdir or a checkpoint step directory."""
+  kind, directory, step = _resolve(path)
+  if kind == 'weights':
+    return json.loads((directory / META_FILE).read_text())
+  meta = meta_from_config(json.loads((directory / 'config.json').read_text()))
+  meta['step'] = step
+  return meta
+
+
+def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('params', 'batch_stats')
+                 ) -> tuple[dict, dict]:
+  """(variables, meta) from a weights directory, a training workdir (its latest checkpoint) or a checkpoint
+  step directory. Only the model's variables are read (a partial restore: no optimizer state).
+  Arrays come back as host numpy arrays; place them with jax.device_put."""
+  kind, directory, step = _resolve(path)
+  meta = load_meta(path)
+  model = model_from_meta(meta)
+  shapes = models.variable_shapes(model)
+  want = {c: shapes[c] for c in collections if c in shapes}
+  as_numpy = lambda t: jax.tree_util.tree_map(  # noqa: E731
+      lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), t)
+  if kind == 'weights':
+    ckptr = ocp.PyTreeCheckpointer()
+    restored = ckptr.restore(directory / 'variables', args=ocp.args.PyTreeRestore(
+        item=want, restore_args=as_numpy(want), partial_restore=True))
+  else:
+    ckptr = ocp.PyTreeCheckpointer()
+    restored = ckptr.restore(directory / CHECKPOINT_DIR / str(step) / 'state', args=ocp.args.PyTreeRestore(
+        item=want, restore_args=as_numpy(want), partial_restore=True))
+  logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
+  return dict(restored), meta
