@@ -1,0 +1,115 @@
+"""Config validation: every field is checked before anything compiles, and an error names the field, the bad
+value and what is allowed. ``resolve`` fills the fields whose default depends on the dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from vggjax import models, optim
+
+SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
+DTYPES = ('float32', 'bfloat16')
+NAN_POLICIES = ('stop', 'skip')
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value."""
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r} is not valid: {allowed}')
+
+
+def _choice(cfg, field: str, choices) -> None:
+  value = cfg
+  for part in field.split('.'):
+    value = value[part]
+  _check(value in choices, field, value, 'one of ' + ', '.join(map(str, choices)))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first bad field."""
+  for section in ('model', 'data', 'train', 'optimizer'):
+    _check(section in config, section, None, f'the config needs a {section} section (see configs/default.py)')
+  m, d, t, o = config.model, config.data, config.train, config.optimizer
+  _choice(config, 'model.name', models.MODEL_NAMES)
+  _choice(config, 'model.init', models.INIT_SCHEMES)
+  _choice(config, 'model.dtype', DTYPES)
+  _check(m.num_classes >= 0, 'model.num_classes', m.num_classes, '0 (from the dataset) or a positive count')
+  _check(0 < m.width <= 4, 'model.width', m.width, 'a multiplier in (0, 4]')
+  _check(m.fc_features >= 0, 'model.fc_features', m.fc_features, '0 (4096 * width) or a positive width')
+  _check(0 <= m.dropout_rate < 1, 'model.dropout_rate', m.dropout_rate, 'a probability in [0, 1)')
+  _check(m.init_std > 0, 'model.init_std', m.init_std, 'a positive standard deviation')
+  _choice(config, 'data.source', SOURCES)
+  _check(d.source != 'tfds' or bool(d.name), 'data.name', d.name, 'a TFDS dataset name when source=tfds')
+  _check(d.image_size >= 32 and d.image_size % 32 == 0, 'data.image_size', d.image_size,
+         'a multiple of 32, at least 32 (fc6 spans image_size // 32)')
+  _check(d.scale_min >= d.image_size, 'data.scale_min', d.scale_min,
+         f'at least data.image_size ({d.image_size}): the crop is taken from the rescaled image')
+  _check(d.scale_max >= d.scale_min, 'data.scale_max', d.scale_max,
+         f'at least data.scale_min ({d.scale_min}); equal for a fixed scale')
+  _check(d.eval_scale == 0 or d.eval_scale >= d.image_size, 'data.eval_scale', d.eval_scale,
+         f'0 (the paper\'s default) or at least data.image_size ({d.image_size})')
+  _check(d.color_shift >= 0, 'data.color_shift', d.color_shift, 'a non-negative std (0 disables)')
+  _check(len(d.mean_rgb) == 3, 'data.mean_rgb', d.mean_rgb, 'three values (R, G, B)')
+  _check(len(d.std_rgb) == 3 and all(s > 0 for s in d.std_rgb), 'data.std_rgb', d.std_rgb,
+         'three positive values')
+  _check(d.num_workers >= 0, 'data.num_workers', d.num_workers, '0 or more worker processes')
+  _check(t.global_batch_size > 0, 'train.global_batch_size', t.global_batch_size, 'a positive batch size')
+  _check(t.num_epochs > 0 or t.max_steps > 0, 'train.num_epochs', t.num_epochs,
+         'positive (or set train.max_steps)')
+  _check(t.max_steps >= 0, 'train.max_steps', t.max_steps, '0 (num_epochs) or a positive step count')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _check(t[field] > 0, f'train.{field}', t[field], 'a positive integer')
+  _check(t.eval_every_steps >= 0, 'train.eval_every_steps', t.eval_every_steps, '0 (each epoch) or positive')
+  _choice(config, 'train.nan_policy', NAN_POLICIES)
+  _choice(config, 'optimizer.schedule', optim.SCHEDULES)
+  _check(o.lr > 0, 'optimizer.lr', o.lr, 'a positive learning rate')
+  _check(0 <= o.momentum < 1, 'optimizer.momentum', o.momentum, 'in [0, 1)')
+  _check(o.weight_decay >= 0, 'optimizer.weight_decay', o.weight_decay, 'non-negative')
+  _check(0 < o.plateau_factor < 1, 'optimizer.plateau_factor', o.plateau_factor, 'in (0, 1)')
+  _check(o.plateau_patience >= 1, 'optimizer.plateau_patience', o.plateau_patience, 'at least 1 evaluation')
+  _check(o.plateau_max_reductions >= 0, 'optimizer.plateau_max_reductions', o.plateau_max_reductions,
+         'non-negative')
+  _check(o.warmup_epochs >= 0, 'optimizer.warmup_epochs', o.warmup_epochs, 'non-negative')
+  if config.init_from:
+    bad = [n for n in config.init_layers if n not in models.layer_names(m.name) and not n.startswith('bn')]
+    _check(not bad, 'init_layers', tuple(config.init_layers),
+           f'layer names of {m.name}: {", ".join(models.layer_names(m.name))}')
+
+
+def eval_scale(data_cfg) -> int:
+  """Q for single-scale validation: the fixed S, or (Smin + Smax) / 2 for a jittered S (paper, 4.1)."""
+  if data_cfg.eval_scale:
+    return int(data_cfg.eval_scale)
+  return int((data_cfg.scale_min + data_cfg.scale_max) // 2)
+
+
+def resolve(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
+  """A copy with dataset-dependent defaults filled in: model.num_classes and data.eval_scale."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.model.num_classes:
+    config.model.num_classes = num_classes
+  elif config.model.num_classes != num_classes:
+    raise ConfigError(f'config.model.num_classes={config.model.num_classes} but the dataset has '
+                      f'{num_classes} classes')
+  config.data.eval_scale = eval_scale(config.data)
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def write(config: ml_collections.ConfigDict, workdir: str, extra: dict | None = None) -> None:
+  d = json.loads(to_json(config))
+  d.update(extra or {})
+  tmp = os.path.join(workdir, 'config.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(d, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, 'config.json'))

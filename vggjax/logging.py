@@ -1,0 +1,143 @@
+"""What a person sees of a run (DESIGN.md decision 8): a progress bar on the console, WORKDIR/metrics.jsonl,
+TensorBoard event files and a PNG of the curves. Only process 0 writes; the others get disabled writers."""
+
+from __future__ import annotations
+
+import json
+import logging as _logging
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+log = _logging.getLogger('vggjax')
+
+
+def _clean(v: Any) -> Any:
+  if hasattr(v, 'item'):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/Inf
+  return v
+
+
+class MetricWriter:
+  """Appends one JSON object per row to WORKDIR/metrics.jsonl and writes scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+      except ImportError:  # optional
+        log.warning('tensorboardX is not installed: no TensorBoard events are written')
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows beyond `step` (a resumed run repeats them)."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(rows)
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    row = {k: _clean(v) for k, v in row.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    if self._tb is not None:
+      step = row.get('step', 0)
+      for k, v in row.items():
+        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class ProgressBar:
+  """A one-line progress bar on stderr (redrawn in place on a terminal, a line per update otherwise)."""
+
+  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None, width: int = 24):
+    self.total, self.start, self.enabled, self.width = total, start, enabled, width
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self.t0 = time.time()
+
+  def update(self, step: int, **fields) -> None:
+    if not self.enabled:
+      return
+    frac = step / max(1, self.total)
+    done = int(self.width * frac)
+    rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+    eta = (self.total - step) / rate if rate > 0 else float('nan')
+    parts = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in fields.items()]
+    line = (f'[{"#" * done}{"." * (self.width - done)}] {step}/{self.total} ' + ' | '.join(parts) +
+            f' | ETA {_fmt_time(eta)}')
+    if self.tty:
+      self.stream.write('\r' + line[:200].ljust(120))
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self.tty:
+      self.stream.write('\n')
+      self.stream.flush()
+
+
+def plot_curves(workdir: str, rows: Iterable[dict] | None = None) -> str | None:
+  """WORKDIR/curves.png: training loss and validation top-1/top-5 against the step."""
+  rows = list(rows if rows is not None else read_metrics(workdir))
+  train = [r for r in rows if 'loss' in r and isinstance(r['loss'], (int, float))]
+  evals = [r for r in rows if 'val_top1' in r]
+  if not train and not evals:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  ax1.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
+  if any('val_loss' in r for r in evals):
+    ax1.plot([r['step'] for r in evals], [r.get('val_loss') for r in evals], 'o-', label='val loss')
+  ax1.set_xlabel('step')
+  ax1.set_ylabel('cross-entropy')
+  ax1.set_yscale('log')
+  ax1.legend()
+  ax2.plot([r['step'] for r in evals], [r['val_top1'] for r in evals], 'o-', label='val top-1')
+  ax2.plot([r['step'] for r in evals], [r['val_top5'] for r in evals], 's-', label='val top-5')
+  if any('train_top1' in r for r in train):
+    ax2.plot([r['step'] for r in train], [r.get('train_top1') for r in train], alpha=0.5,
+             label='train top-1')
+  ax2.set_xlabel('step')
+  ax2.set_ylabel('accuracy')
+  ax2.set_ylim(0, 1)
+  ax2.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, 'curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

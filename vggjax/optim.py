@@ -1,0 +1,130 @@
+"""The optimizer and learning-rate schedules of the paper (3.1), and the modern ones beside them.
+
+* SGD with momentum and coupled L2 weight decay: the decay term is added to the gradient before momentum,
+  as Caffe did (``optax.add_decayed_weights`` then ``optax.sgd``). By default only weights (conv and FC
+  kernels) are decayed; biases and batch-norm parameters are not (``decay_biases``). The momentum buffer
+  holds gradients (the optax/PyTorch convention); Caffe's holds lr-scaled steps. The two are identical while
+  the learning rate is constant and differ only for a few steps after a reduction.
+* The learning rate is an argument of the jitted step (a scalar array), so a schedule never recompiles:
+  ``Schedule.lr(step)`` on the host, with the paper's reduce-on-plateau driven by validation top-1 through
+  ``Schedule.on_eval``. Its state is a small JSON-able dict saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ('plateau', 'step', 'cosine', 'constant')
+
+
+def decay_mask(params: Any, decay_biases: bool = False) -> Any:
+  """True for the leaves weight decay applies to: kernels always, biases/norm parameters if asked."""
+  def leaf(path, _):
+    name = getattr(path[-1], 'key', str(path[-1]))
+    return decay_biases or name == 'kernel'
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """SGD + momentum with coupled L2; the learning rate is injected (set it in opt_state each step)."""
+  decay = opt_cfg.weight_decay
+  parts = []
+  if decay:
+    parts.append(optax.add_decayed_weights(decay, mask=lambda p: decay_mask(p, opt_cfg.decay_biases)))
+  parts.append(optax.inject_hyperparams(optax.sgd)(
+      learning_rate=opt_cfg.lr, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov))
+  return optax.chain(*parts)
+
+
+def set_learning_rate(opt_state: Any, lr: jax.Array) -> Any:
+  """Returns opt_state with the injected learning rate replaced (inside the jitted step)."""
+  inner = opt_state[-1]
+  hyper = dict(inner.hyperparams, learning_rate=lr)
+  return opt_state[:-1] + (inner._replace(hyperparams=hyper),)
+
+
+@dataclasses.dataclass
+class Schedule:
+  """The learning rate as a function of the step, on the host.
+
+  lr(step) = base_lr * warmup(step) * shape(step) * plateau_scale, where shape is 1 (plateau, constant),
+  step_factor ** (number of step_epochs passed) (step) or a half cosine to 0 over the run (cosine), and
+  plateau_scale is divided by 1/factor each time validation top-1 stops improving (plateau only).
+  """
+  base_lr: float
+  kind: str = 'plateau'
+  steps_per_epoch: int = 1
+  total_steps: int = 1
+  warmup_epochs: float = 0.0
+  step_epochs: tuple = ()
+  step_factor: float = 0.1
+  factor: float = 0.1
+  patience: int = 2
+  cooldown: int = 0
+  min_delta: float = 0.0
+  max_reductions: int = 3
+  # Plateau state (saved in checkpoints).
+  best: float = -math.inf
+  bad_evals: int = 0
+  cooldown_left: int = 0
+  reductions: int = 0
+  scale: float = 1.0
+
+  STATE_FIELDS = ('best', 'bad_evals', 'cooldown_left', 'reductions', 'scale')
+
+  @classmethod
+  def from_config(cls, opt_cfg, steps_per_epoch: int, total_steps: int) -> 'Schedule':
+    if opt_cfg.schedule not in SCHEDULES:
+      raise ValueError(f'optimizer.schedule={opt_cfg.schedule!r}; valid: {", ".join(SCHEDULES)}')
+    return cls(base_lr=opt_cfg.lr, kind=opt_cfg.schedule, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, warmup_epochs=opt_cfg.warmup_epochs,
+               step_epochs=tuple(opt_cfg.step_epochs), step_factor=opt_cfg.step_factor,
+               factor=opt_cfg.plateau_factor, patience=opt_cfg.plateau_patience,
+               cooldown=opt_cfg.plateau_cooldown, min_delta=opt_cfg.plateau_min_delta,
+               max_reductions=opt_cfg.plateau_max_reductions)
+
+  def lr(self, step: int) -> float:
+    lr = self.base_lr * self.scale
+    warmup = self.warmup_epochs * self.steps_per_epoch
+    if warmup and step < warmup:
+      lr *= (step + 1) / warmup
+    if self.kind == 'step':
+      epoch = step / self.steps_per_epoch
+      lr *= self.step_factor ** sum(epoch >= e for e in self.step_epochs)
+    elif self.kind == 'cosine':
+      t = min(1.0, max(0.0, (step - warmup) / max(1, self.total_steps - warmup)))
+      lr *= 0.5 * (1 + math.cos(math.pi * t))
+    return lr
+
+  def on_eval(self, top1: float) -> bool:
+    """Feeds one validation top-1; returns True when the learning rate was reduced."""
+    if self.kind != 'plateau':
+      return False
+    if top1 > self.best + self.min_delta:
+      self.best, self.bad_evals = top1, 0
+      return False
+    if self.cooldown_left > 0:
+      self.cooldown_left -= 1
+      return False
+    self.bad_evals += 1
+    if self.bad_evals < self.patience or self.reductions >= self.max_reductions:
+      return False
+    self.scale *= self.factor
+    self.reductions += 1
+    self.bad_evals = 0
+    self.cooldown_left = self.cooldown
+    return True
+
+  def state_dict(self) -> dict:
+    return {k: (None if k == 'best' and self.best == -math.inf else getattr(self, k))
+            for k in self.STATE_FIELDS}
+
+  def load_state_dict(self, state: dict) -> None:
+    for k in self.STATE_FIELDS:
+      if k in state:
+        setattr(self, k, -math.inf if (k == 'best' and state[k] is None) else state[k])

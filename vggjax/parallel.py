@@ -1,0 +1,95 @@
+"""Data parallelism over every device of every process (DESIGN.md decision 3).
+
+One Mesh with a single 'data' axis over all devices, ordered by (process, device id), so that process p's
+devices hold the p-th contiguous slice of the global batch: exactly the slice the input pipeline gives
+process p. The batch is sharded on 'data', parameters are replicated, and jax.jit partitions the step: the
+mean loss over the global batch gives the paper's synchronous averaged gradients (3.3) and the result
+equals one device.
+
+``jax.distributed.initialize`` runs only when the run spans several processes: explicit flags, or a detected
+cluster (a Cloud TPU pod slice, SLURM with several tasks, Open MPI); never on a single host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def _env_int(name: str, default: int = 0) -> int:
+  try:
+    return int(os.environ.get(name, default))
+  except ValueError:
+    return default
+
+
+def detect_cluster() -> str | None:
+  """The multi-process environment this process runs in, if any: 'tpu_pod', 'slurm', 'mpi' or None."""
+  hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
+  if len(hosts) > 1 or _env_int('MEGASCALE_NUM_SLICES') > 1:
+    return 'tpu_pod'
+  if os.environ.get('SLURM_JOB_ID') and _env_int('SLURM_NTASKS') > 1 and 'SLURM_PROCID' in os.environ:
+    return 'slurm'
+  if _env_int('OMPI_COMM_WORLD_SIZE') > 1:
+    return 'mpi'
+  return None
+
+
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> bool:
+  """Joins the processes of a multi-process run; returns True if it did. Call before any device query."""
+  if coordinator_address or num_processes > 1:
+    if not (coordinator_address and num_processes > 1 and 0 <= process_id < num_processes):
+      raise ValueError(
+          'a multi-process run needs --coordinator_address=HOST:PORT, --num_processes=N (>1) and '
+          f'--process_id in [0, N); got {coordinator_address!r}, {num_processes}, {process_id}')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  cluster = detect_cluster()
+  if cluster:
+    logging.info('detected a %s cluster: joining with jax.distributed.initialize()', cluster)
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def devices_in_order() -> list:
+  return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+  """A 1-D mesh with axis 'data' (Auto axis type: jit partitions; no explicit sharding in types)."""
+  devices = devices or devices_in_order()
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if global_batch_size % n or global_batch_size % jax.process_count():
+    raise ValueError(f'the global batch size {global_batch_size} must be a multiple of the number of '
+                     f'devices ({n}) and of processes ({jax.process_count()})')
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into global arrays sharded on 'data'."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated (or fully addressable) arrays to numpy on every process."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)

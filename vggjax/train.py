@@ -1,0 +1,431 @@
+"""Training: the train state, the jitted data-parallel train and eval steps, and the loop.
+
+Plain functions a notebook can import (create_train_state, make_train_step, make_eval_step, evaluate,
+train_and_evaluate); main.py only parses flags and calls train_and_evaluate.
+
+* The train state is a pytree (TrainState), initialised by a jitted init straight into its replicated
+  sharding (no host copy first), donated to every step.
+* The step takes uint8 images sharded on 'data'; the cast, AlexNet's colour shift and the mean subtraction
+  run inside it (DESIGN.md decision 4). Its randomness is fold_in(rng, step): a resumed run repeats it.
+* The learning rate is an argument (no recompilation when a schedule changes it).
+* A non-finite loss or gradient never reaches the parameters: that step's update is dropped and the
+  first fault's step and kind are kept in the state; the host reads them at each log step and stops
+  ('stop', all later updates are dropped too, so nothing after the fault is learnt) or counts them ('skip').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from vggjax import checkpoints, config_lib, models, optim, parallel
+from vggjax import logging as vlog
+from vggjax.preprocessing import Normalization, normalize, pca_lighting
+
+log = logging.getLogger('vggjax')
+FAULTS = {1: 'loss', 2: 'gradients'}
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # a raw uint32[2] key: every step's randomness is fold_in(rng, step)
+  fault: jax.Array  # 0, or the kind of the first non-finite quantity (FAULTS)
+  fault_step: jax.Array  # the step of the first fault, -1 if none
+
+  @property
+  def variables(self) -> dict:
+    v = {'params': self.params}
+    if self.batch_stats:
+      v['batch_stats'] = self.batch_stats
+    return v
+
+
+def build_model(config: ml_collections.ConfigDict, **overrides) -> models.VGG:
+  m = config.model
+  options = dict(num_classes=m.num_classes, width=m.width, fc_features=m.fc_features or None,
+                 image_size=config.data.image_size, dropout_rate=m.dropout_rate, dtype=m.dtype,
+                 init=m.init, init_std=m.init_std)
+  options.update(overrides)
+  return models.get_model(m.name, **options)
+
+
+def normalization(config: ml_collections.ConfigDict) -> Normalization:
+  return Normalization(mean=tuple(config.data.mean_rgb), std=tuple(config.data.std_rgb))
+
+
+def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  init_key, state_key = jax.random.split(key)
+  size = model.image_size
+  variables = model.init({'params': init_key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=state_key,
+                    fault=jnp.zeros((), jnp.int32), fault_step=jnp.full((), -1, jnp.int32))
+
+
+def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh, seed: int) -> TrainState:
+  """Initialises parameters and optimizer state with one jitted call, directly replicated on the mesh."""
+  init = functools.partial(_init_state, model, tx)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh) -> TrainState:
+  """The train state's shapes, dtypes and shardings, without allocating it (the target of a restore)."""
+  shapes = jax.eval_shape(functools.partial(_init_state, model, tx), jax.random.PRNGKey(0))
+  rep = parallel.replicated(mesh)
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *,
+                    norm: Normalization = Normalization(), color_shift: float = 0.1, remat: bool = False,
+                    nan_policy: str = 'stop') -> Callable:
+  """The jitted step: (state, batch {'image': uint8, 'label': int32}, lr) -> (state, metrics)."""
+  has_bn = bool(model.batch_norm)
+
+  def step_fn(state: TrainState, batch: dict, lr: jax.Array):
+    rng = jax.random.fold_in(state.rng, state.step)
+    color_rng, dropout_rng = jax.random.split(rng)
+    images = pca_lighting(color_rng, batch['image'].astype(jnp.float32), color_shift)
+    x = normalize(images, norm)
+    labels = batch['label']
+
+    def loss_fn(params):
+      variables = {'params': params}
+      if has_bn:
+        variables['batch_stats'] = state.batch_stats
+        logits, new_vars = model.apply(variables, x, train=True, rngs={'dropout': dropout_rng},
+                                       mutable=['batch_stats'])
+        new_stats = new_vars['batch_stats']
+      else:
+        logits = model.apply(variables, x, train=True, rngs={'dropout': dropout_rng})
+        new_stats = state.batch_stats
+      return _cross_entropy(logits, labels).mean(), (logits, new_stats)
+
+    if remat:  # keep only the pooled output of each conv block; recompute inside blocks
+      loss_fn = jax.checkpoint(loss_fn, policy=jax.checkpoint_policies.save_only_these_names('block_out'))
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    opt_state = optim.set_learning_rate(state.opt_state, lr)
+    updates, new_opt_state = tx.update(grads, opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    fault_now = jnp.where(jnp.isfinite(loss), jnp.where(jnp.isfinite(grad_norm), 0, 2), 1).astype(jnp.int32)
+    ok = fault_now == 0
+    if nan_policy == 'stop':
+      ok = ok & (state.fault == 0)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    first = (state.fault == 0) & (fault_now != 0)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params),
+        batch_stats=keep(new_stats, state.batch_stats), opt_state=keep(new_opt_state, opt_state),
+        fault=jnp.where(first, fault_now, state.fault),
+        fault_step=jnp.where(first, state.step, state.fault_step))
+    metrics = {'loss': loss, 'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+               'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32)}
+    return new_state, metrics
+
+  rep = parallel.replicated(mesh)
+  return jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
+
+
+def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization()) -> Callable:
+  """The jitted eval step: (variables, batch with 'mask') -> sums of top-1/top-5 hits, loss and count."""
+  k = min(5, model.num_classes)
+
+  def eval_fn(variables, batch):
+    logits = model.apply(variables, normalize(batch['image'], norm), train=False)
+    labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+    topk = jax.lax.top_k(logits, k)[1]
+    hits = topk == labels[:, None]
+    return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(jnp.any(hits, -1) * mask),
+            'loss': jnp.sum(_cross_entropy(logits, labels) * mask), 'count': jnp.sum(mask)}
+
+  return jax.jit(eval_fn, out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(eval_step: Callable, variables: dict, batches, mesh) -> dict:
+  """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped)."""
+  total = None
+  for batch in batches:
+    sums = eval_step(variables, parallel.global_batch(batch, mesh))
+    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+  if total is None:
+    raise ValueError('the evaluation split is empty')
+  total = parallel.to_host(total)
+  n = float(total['count'])
+  return {'val_top1': float(total['top1']) / n, 'val_top5': float(total['top5']) / n,
+          'val_loss': float(total['loss']) / n, 'val_count': int(n)}
+
+
+def warm_start(state: TrainState, source: str, layers, mesh) -> TrainState:
+  """Copies the named layers from another run's (or a weights directory's) parameters; the rest stay fresh.
+  The paper's default: conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of net A into B-E."""
+  src, meta = checkpoints.load_weights(source)
+  params = flax.core.unfreeze(jax.device_get(state.params))
+  stats = flax.core.unfreeze(jax.device_get(state.batch_stats)) if state.batch_stats else {}
+  for layer in layers:
+    if layer not in params and layer not in stats:
+      raise ValueError(f'warm start: layer {layer} is not in this model ({", ".join(params)})')
+    found = False
+    for coll, target in (('params', params), ('batch_stats', stats)):
+      for name, value in src.get(coll, {}).get(layer, {}).items():
+        found = True
+        want = target[layer][name].shape
+        if tuple(value.shape) != tuple(want):
+          raise ValueError(f'warm start: {layer}/{name} has shape {tuple(value.shape)} in {source} but '
+                           f'{tuple(want)} in this model')
+        target[layer][name] = np.asarray(value, target[layer][name].dtype)
+    if not found:
+      raise ValueError(f'warm start: layer {layer} is not in {source} ({", ".join(src["params"])})')
+  log.info('warm start from %s (%s): copied %s', source, meta.get('model', {}).get('name'), ', '.join(layers))
+  rep = parallel.replicated(mesh)
+  return state.replace(params=jax.device_put(params, rep),
+                       batch_stats=jax.device_put(stats, rep) if stats else state.batch_stats)
+
+
+class _IteratorState:
+  """Adapts the input iterator to Grain's Orbax handler (one JSON file per process in each checkpoint)."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    state = self.iterator.get_state()
+    return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    try:
+      self.iterator.set_state(state)
+    except (TypeError, ValueError, AttributeError):
+      self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class TrainCheckpointer:
+  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+    self._ocp, self._grain = ocp, grain.checkpoint
+    directory = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_DIR)
+    self.manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                       'host': ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, iterator, host: dict) -> None:
+    ocp = self._ocp
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=self._grain.CheckpointSave(_IteratorState(iterator)),
+        host=ocp.args.JsonSave(host)), force=True)
+
+  def restore(self, step: int, abstract_state: TrainState, iterator) -> tuple[TrainState, dict]:
+    ocp = self._ocp
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=self._grain.CheckpointRestore(_IteratorState(iterator)), host=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['host'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class _StopRequest:
+  """SIGTERM (preemption) sets a flag; the loop finishes the step, checkpoints and exits 0."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM,):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    log.warning('received signal %d: finishing the step, then checkpointing and exiting', signum)
+    self.flag.set()
+
+  def requested(self, step: int, every: int) -> bool:
+    if jax.process_count() == 1:
+      return self.flag.is_set()
+    if step % every:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.flag.is_set(), np.int32))
+    return bool(np.max(flags))
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  epoch: float
+  metrics: dict
+  preempted: bool = False
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+  """Trains (or resumes) the run in `workdir` and evaluates it as it goes. Returns the last metrics."""
+  from vggjax.data import pipeline  # the data layer (imported here: models/optim need none of it)
+
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  info = pipeline.dataset_info(config.data)
+  config = config_lib.resolve(config, info.num_classes)
+  mesh = parallel.make_mesh()
+  t = config.train
+  parallel.check_batch_size(t.global_batch_size, mesh)
+  steps_per_epoch = info.num_train // t.global_batch_size
+  if steps_per_epoch == 0:
+    raise config_lib.ConfigError(f'config.train.global_batch_size={t.global_batch_size} is larger than the '
+                                 f'training split ({info.num_train} examples)')
+  total_steps = t.max_steps or int(t.num_epochs * steps_per_epoch)
+  eval_every = t.eval_every_steps or steps_per_epoch
+
+  model = build_model(config)
+  tx = optim.make_optimizer(config.optimizer)
+  schedule = optim.Schedule.from_config(config.optimizer, steps_per_epoch, total_steps)
+  norm = normalization(config)
+  train_step = make_train_step(model, tx, mesh, norm=norm, color_shift=config.data.color_shift,
+                               remat=config.model.remat, nan_policy=t.nan_policy)
+  eval_model = build_model(config, dropout_rate=0.0)
+  eval_step = make_eval_step(eval_model, mesh, norm)
+  it = pipeline.train_iterator(config.data, global_batch_size=t.global_batch_size, seed=config.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = TrainCheckpointer(workdir, keep=t.keep_checkpoints)
+  writer = vlog.MetricWriter(workdir, enabled=is_main)
+  start = ckpt.latest_step()
+  history: list[dict] = []
+  if start is not None:
+    state, host = ckpt.restore(start, abstract_train_state(model, tx, mesh), it)
+    schedule.load_state_dict(host.get('schedule', {}))
+    history = host.get('evals', [])
+    writer.truncate_after(start)
+    log.info('resumed from %s at step %d', ckpt.manager.directory, start)
+  else:
+    start = 0
+    state = create_train_state(model, tx, mesh, config.seed)
+    if config.init_from:
+      state = warm_start(state, config.init_from, config.init_layers, mesh)
+  if is_main:
+    config_lib.write(config, workdir, {'labels': info.class_names,
+                                       'dataset': {'num_train': info.num_train, 'num_eval': info.num_eval}})
+  log.info('%s: %s parameters, %d devices over %d processes, %d steps/epoch, %d steps',
+           config.model.name, f'{models.param_count(model):,}', mesh.devices.size, jax.process_count(),
+           steps_per_epoch, total_steps)
+
+  def host_state():
+    return {'schedule': schedule.state_dict(), 'evals': history, 'epoch': step / steps_per_epoch}
+
+  def run_eval(step: int) -> dict:
+    variables = state.variables
+    batches = pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    result = evaluate(eval_step, variables, batches, mesh)
+    reduced = schedule.on_eval(result['val_top1'])
+    row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
+    history.append(row)
+    writer.write(row)
+    log.info('step %d: val top-1 %.4f, top-5 %.4f (%d images)%s', step, result['val_top1'],
+             result['val_top5'], result['val_count'], ' -> lr reduced' if reduced else '')
+    return row
+
+  stop = _StopRequest()
+  bar = vlog.ProgressBar(total_steps, start=start, enabled=is_main)
+  step, last_eval, preempted = start, None, False
+  window: list[dict] = []
+  t_log, step_log = time.time(), start
+  try:
+    while step < total_steps:
+      batch = parallel.global_batch(next(it), mesh)
+      lr = schedule.lr(step)
+      state, metrics = train_step(state, batch, np.float32(lr))
+      step += 1
+      window.append(metrics)
+      if step % t.log_every_steps == 0 or step == total_steps:
+        host = parallel.to_host(window)
+        _check_faults(state, t.nan_policy)
+        now = time.time()
+        row = {'step': step, 'epoch': step / steps_per_epoch, 'lr': lr,
+               'loss': float(np.mean([m['loss'] for m in host])),
+               'train_top1': float(np.mean([m['train_top1'] for m in host])),
+               'grad_norm': float(np.mean([m['grad_norm'] for m in host])),
+               'img_per_s': (step - step_log) * t.global_batch_size / max(now - t_log, 1e-9)}
+        skipped = int(sum(m['skipped'] for m in host))
+        if skipped:
+          row['skipped_steps'] = skipped
+        writer.write(row)
+        bar.update(step, epoch=round(row['epoch'], 2), loss=row['loss'], lr=lr,
+                   **{'img/s': round(row['img_per_s'], 1)})
+        window, t_log, step_log = [], time.time(), step
+      if step % eval_every == 0 or step == total_steps:
+        last_eval = run_eval(step)
+        t_log = time.time()  # evaluation time is not training throughput
+      preempted = stop.requested(step, every=min(10, t.log_every_steps))
+      if step % t.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or step == total_steps \
+          or preempted:
+        _check_faults(state, t.nan_policy)
+        ckpt.save(step, state, it, host_state())
+      if preempted:
+        log.warning('stopped at step %d for preemption; the same command resumes', step)
+        break
+  finally:
+    ckpt.close()
+    bar.close()
+    stop.restore()
+  if is_main and t.plot and not preempted:
+    vlog.plot_curves(workdir)
+  writer.close()
+  return RunResult(step=step, epoch=step / steps_per_epoch, metrics=last_eval or {}, preempted=preempted)
+
+
+def _check_faults(state: TrainState, policy: str) -> None:
+  fault, at = (int(x) for x in jax.device_get((state.fault, state.fault_step)))
+  if fault and policy == 'stop':
+    raise NonFiniteError(
+        f'non-finite {FAULTS[fault]} at step {at} (the update of step {at} and later were not applied); '
+        f'the last good checkpoint is kept. Lower optimizer.lr, or set train.nan_policy=skip to drop such '
+        f'steps and go on.')
