@@ -55,9 +55,20 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', 0,
 flags.mark_flags_as_required(['workdir'])
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax and Grain (a line per checkpoint file) unless --verbosity >= 1."""
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30 or logging.get_verbosity() >= 1:
+      return True
+    path = record.pathname.replace('\\', '/')
+    return '/orbax/' not in path and '/grain/' not in path and '/etils/' not in path
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   num_cpu = _NUM_CPU_DEVICES.value or int(os.environ.get('VGGJAX_NUM_CPU_DEVICES', '0') or 0)
   if num_cpu:
     jax.config.update('jax_num_cpu_devices', num_cpu)

@@ -8,7 +8,7 @@ train_and_evaluate); main.py only parses flags and calls train_and_evaluate.
 * The step takes uint8 images sharded on 'data'; the cast, AlexNet's colour shift and the mean subtraction
   run inside it (DESIGN.md decision 4). Its randomness is fold_in(rng, step): a resumed run repeats it.
 * The learning rate is an argument (no recompilation when a schedule changes it).
-* A non-finite loss or gradient never reaches the parameters: that step's update is dropped and the
+* A non-finite loss, gradient or update never reaches the parameters: that step's update is dropped and the
   first fault's step and kind are kept in the state; the host reads them at each log step and stops
   ('stop', all later updates are dropped too, so nothing after the fault is learnt) or counts them ('skip').
 """
@@ -39,7 +39,7 @@ from vggjax import logging as vlog
 from vggjax.preprocessing import Normalization, normalize, pca_lighting
 
 log = logging.getLogger('vggjax')
-FAULTS = {1: 'loss', 2: 'gradients'}
+FAULTS = {1: 'loss', 2: 'gradients', 3: 'update'}
 
 
 class NonFiniteError(RuntimeError):
@@ -136,7 +136,8 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
     updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
-    fault_now = jnp.where(jnp.isfinite(loss), jnp.where(jnp.isfinite(grad_norm), 0, 2), 1).astype(jnp.int32)
+    fault_now = jnp.select([~jnp.isfinite(loss), ~jnp.isfinite(grad_norm),
+                            ~jnp.isfinite(optax.global_norm(updates))], [1, 2, 3], 0).astype(jnp.int32)
     ok = fault_now == 0
     if nan_policy == 'stop':
       ok = ok & (state.fault == 0)
