@@ -115,7 +115,11 @@ def make_step(model: nn.Module, device: torch.device, *, bf16: bool, channels_la
   except (RuntimeError, TypeError, ValueError):
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     fused = False
-  forward = torch.compile(model, mode=compile_mode) if compile_model else model
+  if compile_model:
+    torch._dynamo.reset()  # a fresh static-shape graph per batch size (no automatic dynamic shapes)
+    forward = torch.compile(model, mode=compile_mode, dynamic=False)
+  else:
+    forward = model
   mean = torch.tensor(IMAGENET_MEAN_RGB, device=device)
   eig = torch.tensor(IMAGENET_EIGVAL, device=device)
   vec = torch.tensor(IMAGENET_EIGVEC, device=device)
