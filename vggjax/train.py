@@ -241,8 +241,10 @@ class TrainCheckpointer:
     directory = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(
         directory,
+        # A step directory is written under a temporary name and renamed when complete: a run killed
+        # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True),
+                                             create=True, cleanup_tmp_directories=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
                        'host': ocp.JsonCheckpointHandler()})
 

@@ -1,0 +1,52 @@
+"""The training command end to end, as a user runs it: `python -m vggjax.main --workdir=DIR [...]`."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cli_util
+from conftest import subprocess_env
+
+
+@pytest.mark.slow
+def test_default_run_reaches_95_percent(tmp_path):
+  """The README's first command: the built-in demo (digits) on one CPU device, no config given."""
+  workdir = tmp_path / 'demo'
+  env = subprocess_env(num_devices=1)
+  env.pop('VGGJAX_NUM_CPU_DEVICES')
+  t0 = time.time()
+  out = cli_util.run(workdir, env=env, timeout=900)
+  elapsed = time.time() - t0
+  rows = cli_util.metrics(workdir)
+  evals = [r for r in rows if 'val_top1' in r]
+  assert evals[-1]['val_top1'] >= 0.95, (evals[-1], elapsed)
+  assert evals[-1]['val_count'] == 300  # the whole validation split, every image once
+  assert 'val top-1' in out and 'done at step' in out
+  # What a person sees: the resolved config, metrics rows, TensorBoard events, the curves, checkpoints.
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['num_classes'] == 10 and config['data']['source'] == 'digits'
+  train_rows = [r for r in rows if 'loss' in r]
+  assert {'step', 'epoch', 'loss', 'lr', 'img_per_s'} <= set(train_rows[0])
+  assert {'step', 'epoch', 'val_top1', 'val_top5'} <= set(evals[0])
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir / 'tensorboard'))
+  assert (workdir / 'curves.png').stat().st_size > 10_000
+  assert os.listdir(workdir / 'checkpoints')
+  print(f'default run: val top-1 {evals[-1]["val_top1"]:.4f} in {elapsed:.0f} s')
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.optimizer.lr=-1', 'config.optimizer.lr=-1.0 is not valid: a positive learning rate'),
+    ('--config.model.name=vgg17', "config.model.name='vgg17' is not valid: one of vgg11"),
+    ('--config.optimizer.lrr=0.1', 'lrr'),
+    ('--config.data.scale_min=16', 'config.data.scale_min=16 is not valid: at least data.image_size (32)'),
+])
+def test_bad_config_fails_before_anything_compiles(tmp_path, override, message):
+  p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path}', override],
+                     env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert p.returncode != 0
+  assert message in p.stderr, p.stderr[-2000:]
+  assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
