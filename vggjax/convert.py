@@ -113,6 +113,9 @@ def _define_flags():
 
 def main(argv):
   from absl import flags
+  from absl import logging as absl_logging
+  if not flags.FLAGS['verbosity'].present:  # library INFO logs (Orbax) only when asked for
+    absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS

@@ -1,0 +1,134 @@
+"""Image descriptors from a VGG network, as in the paper's Appendix B.
+
+An image is rescaled so that its smaller side is Q and goes through the fully convolutional network; the fc7
+activations (4096-D, after ReLU) are averaged over the map, then averaged with those of the horizontally
+flipped image. Descriptors of several scales Q are averaged ('average') or concatenated ('stack'), and the
+result is L2-normalised.
+
+    python -m vggjax.features --checkpoint=weights/vgg16_tv --out=feats.npz FOLDER [FOLDER_OR_IMAGE ...]
+
+writes feats.npz with 'features' (N, D) float32 and 'files' (N,) (a .npy --out writes the features and lists
+the files in OUT.files.txt). From Python:
+
+    variables, meta = vggjax.checkpoints.load_weights('weights/vgg16_tv')
+    feats = vggjax.features.extract(variables, meta, images, scales=(256, 384, 512))
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vggjax import checkpoints
+from vggjax.predict import apply_batched, as_image, list_images, progress_bar, resize_smaller_side
+from vggjax.preprocessing import Normalization, normalize
+
+COMBINE = ('average', 'stack')
+PAPER_SCALES = (256, 384, 512)
+
+
+def _descriptor_fn(model, norm: Normalization) -> Callable:
+  def descriptor(variables, images):
+    x = normalize(images, norm)
+    d = jnp.mean(model.apply(variables, x, method='fc7_map'), axis=(1, 2))
+    flipped = jnp.mean(model.apply(variables, x[:, :, ::-1], method='fc7_map'), axis=(1, 2))
+    return (d + flipped) / 2
+  return jax.jit(descriptor)
+
+
+def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[int] = PAPER_SCALES,
+            combine: str = 'average', *, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+  """L2-normalised fc7 descriptors (N, D) of images (uint8 RGB arrays or paths): D = fc7's width for
+  'average', len(scales) times that for 'stack'.
+
+  Args:
+    variables: the model's variables, e.g. from checkpoints.load_weights.
+    meta: the weights metadata (model, normalization).
+    scales: the smaller-side sizes Q (each at least the training size).
+    combine: 'average' or 'stack' the per-scale descriptors.
+    batch_size: images of equal size per forward pass.
+    progress: show a progress bar on stderr.
+  """
+  if combine not in COMBINE:
+    raise ValueError(f'unknown combine {combine!r}; valid: {", ".join(COMBINE)}')
+  model = checkpoints.model_from_meta(meta)
+  scales = [int(q) for q in scales]
+  if not scales or min(scales) < model.image_size:
+    raise ValueError(f'scales {scales} must be given and at least the training size {model.image_size}')
+  fn = _descriptor_fn(model, checkpoints.normalization_from_meta(meta))
+  variables = jax.device_put(variables)
+  images = list(images)
+  bar = progress_bar(len(images) * len(scales), 'features', progress)
+  per_scale = [[] for _ in scales]
+  # Images are decoded once per chunk, so a large folder is never held in memory at once.
+  chunk = max(batch_size * 16, 64)
+  for start in range(0, len(images), chunk):
+    decoded = [as_image(im) for im in images[start:start + chunk]]
+    for s, q in enumerate(scales):
+      resized = [resize_smaller_side(im, q) for im in decoded]
+      per_scale[s] += apply_batched(fn, variables, resized, batch_size, bar)
+  if bar is not None:
+    bar.close()
+  if not images:
+    width = np.shape(variables['params']['fc7']['kernel'])[-1]
+    return np.zeros((0, width * (len(scales) if combine == 'stack' else 1)), np.float32)
+  stacked = [np.stack(d).astype(np.float64) for d in per_scale]
+  feats = np.mean(stacked, axis=0) if combine == 'average' else np.concatenate(stacked, axis=1)
+  norms = np.linalg.norm(feats, axis=1, keepdims=True)
+  return (feats / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def save(out: str | os.PathLike, features: np.ndarray, files: Sequence[str], **info) -> pathlib.Path:
+  """Writes features and file names: OUT.npz ('features', 'files', and ``info``) or OUT.npy plus
+  OUT.files.txt."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.suffix == '.npy':
+    np.save(out, features)
+    out.with_suffix('.files.txt').write_text(''.join(f'{f}\n' for f in files))
+  else:
+    if out.suffix != '.npz':
+      out = out.with_name(out.name + '.npz')
+    np.savez(out, features=features, files=np.asarray(list(files), dtype=str),
+             **{k: np.asarray(v) for k, v in info.items()})
+  return out
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'A weights directory (from vggjax.convert) or a training workdir.')
+  flags.DEFINE_string('out', None, 'Output file: .npz (features, files) or .npy (plus OUT.files.txt).')
+  flags.DEFINE_list('scales', [str(q) for q in PAPER_SCALES], 'Smaller-side sizes Q (paper: 256,384,512).')
+  flags.DEFINE_enum('combine', 'average', list(COMBINE), 'Average the per-scale descriptors, or stack them.')
+  flags.DEFINE_integer('batch_size', 8, 'Images of equal size per forward pass.')
+  flags.mark_flags_as_required(['checkpoint', 'out'])
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  f = flags.FLAGS
+  if not f['verbosity'].present:  # library INFO logs (Orbax) only when asked for
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  if len(argv) < 2:
+    raise SystemExit('usage: python -m vggjax.features --checkpoint=DIR --out=feats.npz FOLDER_OR_IMAGE...')
+  files = list_images(argv[1:])
+  if not files:
+    raise SystemExit(f'no images found in {argv[1:]}')
+  variables, meta = checkpoints.load_weights(f.checkpoint)
+  scales = [int(q) for q in f.scales]
+  feats = extract(variables, meta, files, scales, f.combine, batch_size=f.batch_size, progress=True)
+  out = save(f.out, feats, files, scales=scales, combine=f.combine)
+  print(f'{feats.shape[0]} descriptors of {feats.shape[1]} dimensions -> {out}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

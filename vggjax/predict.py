@@ -1,0 +1,256 @@
+"""Classifies images with a weights directory or a training run: top-5 classes and their probabilities.
+
+    python -m vggjax.predict --checkpoint=weights/vgg16_tv photo.jpg [more.jpg | folder ...]
+    python -m vggjax.predict --checkpoint=weights/vgg16_tv --protocol=dense --scales=256,384,512 --json *.jpg
+
+Protocols (paper section 3.2):
+
+* ``single``: the image is rescaled so that its smaller side is Q, and the central crop of the training size
+  is classified (Q = image_size * 256 / 224 by default: 256 at 224, as torchvision evaluates);
+* ``dense``: the whole image rescaled to Q goes through the fully convolutional network; the class score map
+  is averaged over space, and the softmax posteriors of the image and its horizontal flip are averaged.
+
+With several scales (``--scales=256,384,512``) the posteriors of all scales are averaged. The images are
+normalised as the weights' metadata says (vggjax.json's normalization), so converted weights see exactly
+what their source framework fed them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from vggjax import checkpoints, labels as labels_lib
+from vggjax.preprocessing import Normalization, normalize
+
+PROTOCOLS = ('single', 'dense')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+  """An image file as uint8 RGB (H, W, 3), turned upright as its EXIF orientation says."""
+  from PIL import Image, ImageOps
+  with Image.open(path) as im:
+    return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
+  """Image files among ``paths``: files as given, folders searched recursively (sorted)."""
+  out = []
+  for p in paths:
+    p = pathlib.Path(p)
+    if p.is_dir():
+      out += sorted(str(f) for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+      out.append(str(p))
+    else:
+      raise FileNotFoundError(f'no image or folder {p}')
+  return out
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """(h, w) with the smaller side ``size`` and the aspect ratio kept (torchvision's Resize(size) rounding)."""
+  short, long = min(height, width), max(height, width)
+  long = int(size * long / short)
+  return (size, long) if height <= width else (long, size)
+
+
+def resize_smaller_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Isotropic rescaling so that the smaller side is ``size`` (Pillow bilinear, antialiased when shrinking:
+  exactly what torchvision's Resize does to a PIL image)."""
+  from PIL import Image
+  h, w = resized_shape(image.shape[0], image.shape[1], size)
+  if (h, w) == image.shape[:2]:
+    return np.asarray(image)
+  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((w, h), Image.BILINEAR))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The central size x size crop (torchvision's CenterCrop offsets)."""
+  h, w = image.shape[:2]
+  if min(h, w) < size:
+    raise ValueError(f'cannot crop {size}x{size} from a {h}x{w} image')
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+def as_image(image: Any) -> np.ndarray:
+  """A uint8 RGB array from an array or an image path."""
+  if isinstance(image, (str, os.PathLike)):
+    return load_image(image)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an RGB image (H, W, 3), got shape {image.shape}')
+  return image
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+def apply_batched(fn: Callable, variables: Any, images: Sequence[np.ndarray], batch_size: int,
+                  progress: Any = None) -> list[np.ndarray]:
+  """fn(variables, batch) over images, batching images of equal shape together; results in input order.
+  ``progress``: a tqdm-like bar advanced by one per image, or None."""
+  groups: dict[tuple, list[int]] = {}
+  for i, im in enumerate(images):
+    groups.setdefault(im.shape, []).append(i)
+  out: list = [None] * len(images)
+  for indices in groups.values():
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      result = np.asarray(fn(variables, np.stack([images[i] for i in chunk])))
+      for i, r in zip(chunk, result):
+        out[i] = r
+      if progress is not None:
+        progress.update(len(chunk))
+  return out
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+  """A tqdm bar on stderr (None when disabled or tqdm is missing)."""
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return None
+  return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+def default_scale(image_size: int) -> int:
+  """Q for single-crop evaluation: 256 at a training size of 224 (the ratio torchvision and Caffe use)."""
+  return int(round(image_size * 256 / 224))
+
+
+def _probabilities_fn(model, norm: Normalization, flip: bool) -> Callable:
+  def probabilities(variables, images):
+    x = normalize(images, norm)
+    p = jax.nn.softmax(model.apply(variables, x))
+    if flip:
+      p = (p + jax.nn.softmax(model.apply(variables, x[:, :, ::-1]))) / 2
+    return p
+  return jax.jit(probabilities)
+
+
+def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str = 'single',
+            scales: Sequence[int] | None = None, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+  """Class posteriors (N, num_classes) of images (uint8 RGB arrays or paths).
+
+  Args:
+    variables: the model's variables ({'params', ['batch_stats']}), e.g. from checkpoints.load_weights.
+    meta: the weights metadata (model, normalization).
+    protocol: 'single' (central crop of the image rescaled to Q) or 'dense' (whole image at Q, score map
+      averaged, averaged with the flipped image).
+    scales: the Qs whose posteriors are averaged (default: image_size * 256 / 224).
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'unknown protocol {protocol!r}; valid: {", ".join(PROTOCOLS)}')
+  model = checkpoints.model_from_meta(meta)
+  size = model.image_size
+  scales = [int(q) for q in (scales or [default_scale(size)])]
+  if min(scales) < size:
+    raise ValueError(f'scales {scales} must be at least the training size {size}')
+  fn = _probabilities_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
+  variables = jax.device_put(variables)
+  images = [as_image(im) for im in images]
+  bar = progress_bar(len(images) * len(scales), 'predict', progress)
+  total = np.zeros((len(images), model.num_classes), np.float64)
+  for q in scales:
+    inputs = [resize_smaller_side(im, q) for im in images]
+    if protocol == 'single':
+      inputs = [center_crop(im, size) for im in inputs]
+    total += np.stack(apply_batched(fn, variables, inputs, batch_size, bar))
+  if bar is not None:
+    bar.close()
+  return (total / len(scales)).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Prediction:
+  file: str
+  indices: list[int]
+  names: list[str] | None
+  probabilities: list[float]
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def top_k(probabilities: np.ndarray, files: Sequence[str], names: Sequence[str] | None = None,
+          k: int = 5) -> list[Prediction]:
+  """The k most probable classes of each image, most probable first."""
+  k = min(k, probabilities.shape[1])
+  out = []
+  for f, p in zip(files, probabilities):
+    idx = np.argsort(-p, kind='stable')[:k]
+    out.append(Prediction(file=str(f), indices=[int(i) for i in idx],
+                          names=[names[i] for i in idx] if names is not None else None,
+                          probabilities=[float(p[i]) for i in idx]))
+  return out
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+  lines = []
+  for pred in predictions:
+    lines.append(pred.file)
+    for rank, (i, p) in enumerate(zip(pred.indices, pred.probabilities)):
+      name = f'  {pred.names[rank]}' if pred.names is not None else ''
+      lines.append(f'  {rank + 1}. {p:8.4f}  {i:5d}{name}')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'A weights directory (from vggjax.convert) or a training workdir '
+                      '(its latest checkpoint) or WORKDIR/checkpoints/<step>.')
+  flags.DEFINE_enum('protocol', 'single', list(PROTOCOLS), 'single: central crop of the image rescaled to Q; '
+                    'dense: the whole image at Q, score map averaged, averaged with its flip.')
+  flags.DEFINE_list('scales', [], 'Q values whose posteriors are averaged (default: image_size * 256 / 224).')
+  flags.DEFINE_boolean('json', False, 'Print a JSON list (per image: file, indices, names, probabilities).')
+  flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
+  flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
+  flags.DEFINE_string('labels', None, 'A text file of class names (one per line) overriding the '
+                      'checkpoint\'s.')
+  flags.mark_flag_as_required('checkpoint')
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  f = flags.FLAGS
+  if not f['verbosity'].present:  # library INFO logs (Orbax) only when asked for
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  if len(argv) < 2:
+    raise SystemExit('usage: python -m vggjax.predict --checkpoint=DIR [--protocol=single|dense] '
+                     '[--scales=256,384] [--json] IMAGE_OR_FOLDER...')
+  files = list_images(argv[1:])
+  if not files:
+    raise SystemExit(f'no images found in {argv[1:]}')
+  variables, meta = checkpoints.load_weights(f.checkpoint)
+  num_classes = meta['model']['num_classes']
+  names = labels_lib.resolve(f.labels or meta.get('labels'), num_classes)
+  probs = predict(variables, meta, files, protocol=f.protocol, scales=[int(s) for s in f.scales] or None,
+                  batch_size=f.batch_size, progress=len(files) > 16)
+  predictions = top_k(probs, files, names, f.top_k)
+  if f.json:
+    print(json.dumps([p.to_dict() for p in predictions], indent=1))
+  else:
+    print(format_predictions(predictions))
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)
