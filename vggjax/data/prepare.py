@@ -1,0 +1,168 @@
+"""Dataset preparation commands.
+
+Training-set statistics (the mean RGB the paper subtracts, the std, and the RGB eigen-decomposition of
+AlexNet's colour shift), for any source a config describes:
+
+    python -m vggjax.data.prepare stats --config=configs/vgg16.py --config.data.source=folder \\
+        --config.data.data_dir=/data/mine [--num_images=20000] [--output=stats.json]
+
+Each image counts equally: it is rescaled so its smaller side is data.scale_min and centre-cropped to
+data.image_size (the evaluation transform at Q = Smin), and the statistics are over every pixel of those
+crops, on the 0-255 scale. ``--num_images`` > 0 uses a fixed random sample (seed 0) of the training split;
+0 uses all of it. The eigenvalues follow ``vggjax.preprocessing.IMAGENET_EIGVAL``'s convention (eigenvalues
+of the covariance of 0-1 pixels, times 255, descending; eigenvectors as columns). The command prints the
+``--config.data.mean_rgb=...`` overrides to use.
+
+Converting a TFDS dataset prepared as tfrecord (which random access cannot read) to array_record, in place
+(the converted shards sit beside the tfrecord ones and TFDS picks them for random access):
+
+    python -m vggjax.data.prepare convert --name=imagenet2012 --data_dir=~/tensorflow_datasets [--out_dir=DIR]
+
+Conversion reads tfrecord, so it needs TensorFlow (``pip install "vggjax[tf]"``); training never does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _config_roots(argv) -> None:
+  """Config files import their base as `from configs import default`: put each one's root on sys.path."""
+  roots = [REPO]
+  for arg in argv:
+    if arg.startswith('--config=') and '.py' in arg:
+      roots.append(pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve().parent.parent)
+  for root in roots:
+    if (root / 'configs').is_dir() and str(root) not in sys.path:
+      sys.path.insert(0, str(root))
+
+
+class RgbMoments:
+  """Streaming mean and covariance of RGB pixels (float64 sums), mergeable across threads."""
+
+  def __init__(self):
+    self.count = 0
+    self.sum = np.zeros(3)
+    self.outer = np.zeros((3, 3))
+
+  def add(self, image: np.ndarray) -> None:
+    x = np.asarray(image, np.float64).reshape(-1, 3)
+    self.count += len(x)
+    self.sum += x.sum(0)
+    self.outer += x.T @ x
+
+  def merge(self, other: 'RgbMoments') -> None:
+    self.count += other.count
+    self.sum += other.sum
+    self.outer += other.outer
+
+  def result(self) -> dict:
+    if self.count < 2:
+      raise ValueError('need at least 2 pixels')
+    mean = self.sum / self.count
+    cov = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)  # 0-255 scale, as np.cov
+    w, v = np.linalg.eigh(cov / 255.0 ** 2)
+    order = np.argsort(w)[::-1]
+    v = v[:, order]
+    v = v * np.where(v.sum(0) < 0, -1.0, 1.0)  # a sign convention: each eigenvector sums to >= 0
+    return {'mean_rgb': mean.tolist(), 'std_rgb': np.sqrt(np.diag(cov)).tolist(),
+            'eigval': (np.maximum(w[order], 0) * 255.0).tolist(), 'eigvec': v.tolist(),
+            'num_pixels': int(self.count)}
+
+
+def compute_stats(data_cfg, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
+  """The training-set statistics described in the module docstring, as a JSON-able dict."""
+  from vggjax.data import pipeline, transforms
+  source = pipeline.open_source(data_cfg, split or data_cfg.train_split)
+  n = len(source)
+  indices = np.arange(n)
+  if 0 < num_images < n:
+    indices = np.sort(np.random.default_rng(0).choice(n, num_images, replace=False))
+  size, scale = int(data_cfg.image_size), int(data_cfg.scale_min)
+  chunks = np.array_split(indices, max(1, num_threads))
+  bad: list[str] = []
+
+  def work(chunk) -> RgbMoments:
+    m = RgbMoments()
+    for i in chunk:
+      try:
+        m.add(transforms.eval_transform(source.record(int(i))[0], image_size=size, scale=scale))
+      except Exception as e:  # noqa: BLE001 - skip unreadable images, as the pipeline does
+        bad.append(f'{source.describe(int(i))}: {type(e).__name__}: {e}')
+    return m
+
+  total = RgbMoments()
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    for m in pool.map(work, chunks):
+      total.merge(m)
+  out = total.result()
+  out.update(num_images=len(indices) - len(bad), skipped=bad, source=source.name, image_size=size,
+             scale=scale)
+  return out
+
+
+def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None, num_workers: int = 4) -> None:
+  """Converts TFDS dataset `name` (every config and version found under data_dir/name) to array_record."""
+  try:
+    import tensorflow  # noqa: F401  # reading tfrecord needs it
+  except ImportError as e:
+    raise SystemExit('converting tfrecord to array_record needs TensorFlow: pip install "vggjax[tf]" '
+                     '(training and evaluation never do)') from e
+  from tensorflow_datasets.scripts.cli import convert_format_utils
+  root = pathlib.Path(os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')))
+  dataset_dir = root.expanduser() / name.split(':')[0]
+  if not dataset_dir.is_dir():
+    raise SystemExit(f'no TFDS dataset directory {dataset_dir} (looked for DATA_DIR/{name}); prepare it with '
+                     f'`tfds build {name} --data_dir={root}` (add --file_format=array_record to skip this step)')
+  convert_format_utils.convert_dataset(out_dir=out_dir or None, out_file_format='array_record',
+                                       dataset_dir=str(dataset_dir), num_workers=num_workers)
+
+
+def main(argv=None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  _config_roots(argv)
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'default.py'),
+                                           'stats: a config file; override fields with --config.FIELD=VALUE')
+  num_images = flags.DEFINE_integer('num_images', 0, 'stats: images sampled (0: the whole training split)')
+  num_threads = flags.DEFINE_integer('num_threads', 4, 'stats: decoding threads')
+  output = flags.DEFINE_string('output', '', 'stats: also write the JSON here')
+  name = flags.DEFINE_string('name', '', 'convert: the TFDS dataset name (e.g. imagenet2012)')
+  data_dir = flags.DEFINE_string('data_dir', '', 'convert: the TFDS data_dir')
+  out_dir = flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in place)')
+  workers = flags.DEFINE_integer('num_workers', 4, 'convert: parallel shard conversions')
+
+  def run(args):
+    if len(args) != 2 or args[1] not in ('stats', 'convert'):
+      raise app.UsageError('usage: python -m vggjax.data.prepare {stats|convert} [flags]')
+    if args[1] == 'convert':
+      if not name.value:
+        raise app.UsageError('convert needs --name (and usually --data_dir)')
+      convert_to_array_record(name.value, data_dir.value, out_dir.value, workers.value)
+      print(f'converted {name.value} to array_record')
+      return
+    stats = compute_stats(config.value.data, num_images.value, num_threads.value)
+    text = json.dumps(stats, indent=2)
+    if output.value:
+      pathlib.Path(output.value).write_text(text + '\n')
+    print(text)
+    fmt = lambda xs: '(' + ', '.join(f'{x:.3f}' for x in xs) + ')'  # noqa: E731
+    print(f'\n# {stats["num_images"]} images of {stats["source"]}; use:\n'
+          f'--config.data.mean_rgb="{fmt(stats["mean_rgb"])}"\n'
+          f'# (std_rgb {fmt(stats["std_rgb"])}; colour-shift eigval {fmt(stats["eigval"])})')
+
+  app.run(run, argv=argv)
+
+
+if __name__ == '__main__':
+  main()
