@@ -50,3 +50,13 @@ def test_bad_config_fails_before_anything_compiles(tmp_path, override, message):
   assert p.returncode != 0
   assert message in p.stderr, p.stderr[-2000:]
   assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_divergence_stops_with_the_step_and_quantity_keeping_good_checkpoints(tmp_path):
+  env = cli_util.cli_env(None)
+  p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path}', *cli_util.TINY,
+                      '--config.optimizer.lr=1e30'], env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 3, p.stderr[-3000:]
+  assert 'non-finite loss at step 1' in p.stderr
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert saved == []  # the fault came before the first checkpoint: nothing bad was written

@@ -48,6 +48,18 @@ def test_eight_devices_equal_one_device_with_dropout(name):
   assert int(s8.step) == 3
 
 
+def test_bfloat16_step_keeps_float32_params_and_optimizer_state():
+  model = models.get_model('vgg11', **SMALL, dtype='bfloat16')
+  tx = optim.make_optimizer(default.get_config().optimizer)
+  mesh = parallel.make_mesh()
+  state = train.create_train_state(model, tx, mesh, seed=0)
+  state, metrics = train.make_train_step(model, tx, mesh)(state, parallel.global_batch(_batch(), mesh),
+                                                         np.float32(0.01))
+  assert metrics['loss'].dtype == jnp.float32 and np.isfinite(float(metrics['loss']))
+  for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+
+
 def test_coupled_l2_on_weights_only():
   cfg = ml_collections.ConfigDict(dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.01,
                                        decay_biases=False))

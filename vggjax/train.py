@@ -100,6 +100,10 @@ def abstract_train_state(model: models.VGG, tx: optax.GradientTransformation, me
   return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -136,8 +140,8 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
     updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
-    fault_now = jnp.select([~jnp.isfinite(loss), ~jnp.isfinite(grad_norm),
-                            ~jnp.isfinite(optax.global_norm(updates))], [1, 2, 3], 0).astype(jnp.int32)
+    fault_now = jnp.select([~jnp.isfinite(loss), ~_all_finite(grads), ~_all_finite(updates)], [1, 2, 3],
+                           0).astype(jnp.int32)
     ok = fault_now == 0
     if nan_policy == 'stop':
       ok = ok & (state.fault == 0)
