@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Writes (and submits) a SLURM batch script that trains vggjax on several nodes with several GPUs each.
 
-    python launch/slurm.py --workdir=/shared/runs/vgg16 --config=configs/vgg16.py --nodes=4 --gpus-per-node=8 \\
-        --partition=gpu --time=3-00:00:00 --cpus-per-task=64 --setup='source ~/venvs/vggjax/bin/activate' \\
-        [--dry-run] -- --config.optimizer.lr=0.02
+    python launch/slurm.py --workdir=/shared/runs/vgg16 --config=configs/vgg16.py \\
+        --nodes=4 --gpus-per-node=8 --partition=gpu --time=3-00:00:00 --cpus-per-task=64 \\
+        --setup='source ~/venvs/vggjax/bin/activate' [--dry-run] -- --config.optimizer.lr=0.02
 
-The script goes to WORKDIR/slurm.sbatch (--script), its output to WORKDIR/slurm-JOBID.out, and `sbatch` submits
-it. --dry-run prints the script and the sbatch command and touches nothing. Submitting again (or `sbatch
-WORKDIR/slurm.sbatch`) resumes from the last checkpoint.
+The script goes to WORKDIR/slurm.sbatch (--script), its output to WORKDIR/slurm-JOBID.out, and `sbatch`
+submits it. --dry-run prints the script and the sbatch command and touches nothing. Submitting again (or
+`sbatch WORKDIR/slurm.sbatch`) resumes from the last checkpoint.
 
 Processes (--per): `node` (default) runs one process per node that drives all of its GPUs: one input pipeline
 per node (Grain workers share the node's CPUs) and the fewest processes. The script then sets
@@ -66,8 +66,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--sbatch-arg', action='append', default=[], metavar='ARG',
                  help='any other #SBATCH option, e.g. --sbatch-arg=--constraint=a100 (repeatable)')
   p.add_argument('--setup', action='append', default=[], metavar='LINE',
-                 help='a shell line run before training, e.g. "module load cuda/12" or "source VENV/bin/activate" '
-                      '(repeatable)')
+                 help='a shell line run before training, e.g. "module load cuda/12" or '
+                      '"source VENV/bin/activate" (repeatable)')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE', help='exported (repeatable)')
   p.add_argument('--python', default='python', help='the Python of the nodes (default: python on PATH)')
   p.add_argument('--repo-dir', default=REPO,
@@ -75,7 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       '$SLURM_SUBMIT_DIR are expanded')
   p.add_argument('--script', default='', help='where to write the script (default WORKDIR/slurm.sbatch)')
   p.add_argument('--no-submit', action='store_true', help='write the script, do not submit it')
-  p.add_argument('--dry-run', action='store_true', help='print the script and the sbatch command; write nothing')
+  p.add_argument('--dry-run', action='store_true',
+                 help='print the script and the sbatch command; write nothing')
   args = p.parse_args(argv)
   args.overrides = overrides
   errors = []

@@ -7,8 +7,8 @@
     python launch/sweep.py summary --root=runs/lr                      # table + ROOT/summary.json
 
 A point's workdir is ROOT/NAME, NAME made of its overrides (`lr=0.01,name=vgg11`: the last part of each key,
-the whole key where two keys would share it), so the same sweep finds the same directories again. `--set` overrides
-apply to every point and stay out of the names.
+the whole key where two keys would share it), so the same sweep finds the same directories again. `--set`
+overrides apply to every point and stay out of the names.
 
 Launchers (--launcher): `local` (default) runs `python -m vggjax.main` for each point, one after another;
 `tpu` runs `launch/tpu_vm.sh train` for each point, one after another, on an existing slice; `slurm`
@@ -84,7 +84,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def grid_points(specs: Iterable[str]) -> list[dict[str, str]]:
-  """['optimizer.lr=0.01,0.02', 'model.name=vgg11,vgg13'] -> the 4 points of the product, first key slowest."""
+  """['optimizer.lr=0.01,0.02', 'model.name=vgg11,vgg13'] -> their 4 points, first key slowest."""
   axes = []
   for spec in specs:
     key, values = parse_override(spec)
@@ -254,7 +254,7 @@ def _pick(flat: dict[str, float], suffix: str) -> float | None:
 
 
 def run_summary(workdir: str) -> dict:
-  """The final metrics of one run directory (nothing there yet: status 'not started')."""
+  """The final metrics of one run directory (nothing there yet: status 'pending')."""
   rows = read_rows(workdir)
   config = read_json(_join(workdir, 'config.json'))
   evaluation = read_json(_join(workdir, 'eval.json'))
@@ -263,7 +263,7 @@ def run_summary(workdir: str) -> dict:
   last_step = max((int(r['step']) for r in rows if _number(r.get('step')) is not None), default=0)
   total = total_steps(config)
   if not rows and config is None:
-    status = 'not started'
+    status = 'pending'
   elif total is not None and last_step >= total:
     status = 'complete'
   else:
@@ -321,6 +321,8 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
   root = args.root if _is_remote(args.root) else os.path.abspath(args.root)
   if args.launcher == 'tpu' and not (_is_remote(args.root) or os.path.isabs(args.root)):
     raise SweepError('--launcher=tpu needs --root=gs://BUCKET/PATH or an absolute path shared by the workers')
+  if args.launcher == 'tpu' and '--detach' in extra:
+    raise SweepError('--launcher=tpu runs the points one after another on the slice: no --detach')
   fixed_keys = {k for k, _ in fixed}
   for p in points:
     both = fixed_keys & set(p)
@@ -431,7 +433,8 @@ def collect(root: str) -> list[dict]:
   p = _path(root)
   if p.exists():
     for d in sorted(p.iterdir(), key=lambda x: x.name):
-      if d.name not in known and d.is_dir() and ((d / 'metrics.jsonl').exists() or (d / 'config.json').exists()):
+      is_run = (d / 'metrics.jsonl').exists() or (d / 'config.json').exists()
+      if d.name not in known and d.is_dir() and is_run:
         runs.append({'name': d.name, 'workdir': _join(root, d.name), 'overrides': {}})
   for r in runs:
     r.update(run_summary(r['workdir']))
@@ -474,7 +477,8 @@ def parser() -> argparse.ArgumentParser:
                  help='override sets, one per line (`optimizer.lr=0.01 model.name=vgg11`) or a JSON list')
   r.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE', help='overrides of every point')
   r.add_argument('--launcher', choices=('local', 'tpu', 'slurm'), default='local')
-  r.add_argument('--python', default=sys.executable, help='the Python that runs vggjax.main (local) or slurm.py (default: this one)')
+  r.add_argument('--python', default=sys.executable,
+                 help='the Python that runs vggjax.main (local) or slurm.py (default: this one)')
   r.add_argument('--rerun', action='store_true', help='run complete points too (each resumes and ends)')
   r.add_argument('--resubmit', action='store_true', help='submit again points already submitted to SLURM')
   r.add_argument('--fail-fast', action='store_true', help='stop at the first failed run')

@@ -236,7 +236,8 @@ esac
 # ----------------------------------------------------------------------------------------------------------
 # Client side (runs where gcloud is configured).
 
-SUBCOMMAND='' NAME=${VGGJAX_TPU_NAME:-} ZONE=${VGGJAX_TPU_ZONE:-} PROJECT='' ACCELERATOR='' VERSION=$DEFAULT_VERSION
+SUBCOMMAND='' NAME=${VGGJAX_TPU_NAME:-} ZONE=${VGGJAX_TPU_ZONE:-} PROJECT='' ACCELERATOR=''
+VERSION=$DEFAULT_VERSION
 SPOT=0 PREEMPTIBLE=0 REPO_URL='' REF='' REMOTE_DIR=vggjax PYTHON=python3 JAX_SPEC='jax[tpu]' PIP_EXTRA=''
 CONFIG='' WORKDIR='' DETACH=0 WORKER=0 FOLLOW=1 INTERNAL_IP=0 YES=0 JAX_INIT=flags
 ENVS=() OVERRIDES=()
@@ -306,7 +307,7 @@ require() {
       NAME) [[ -n $NAME ]] || die "$SUBCOMMAND needs --name=NAME (the TPU VM slice) or \$VGGJAX_TPU_NAME" ;;
       ZONE) [[ -n $ZONE ]] || die "$SUBCOMMAND needs --zone=ZONE (e.g. us-central2-b) or \$VGGJAX_TPU_ZONE" ;;
       ACCELERATOR) [[ -n $ACCELERATOR ]] || die "create needs --accelerator-type=TYPE (e.g. v4-32)" ;;
-      WORKDIR) [[ -n $WORKDIR ]] || die "train needs --workdir=gs://BUCKET/PATH (or a shared filesystem path)" ;;
+      WORKDIR) [[ -n $WORKDIR ]] || die "train needs --workdir=gs://BUCKET/PATH or a shared path" ;;
     esac
   done
 }
@@ -349,7 +350,8 @@ case $SUBCOMMAND in
     [[ -z $REF || -n $REPO_URL ]] || die "--ref needs --repo=URL"
     [[ $REMOTE_DIR != /* && $REMOTE_DIR != *..* ]] || die "--remote-dir is relative to the workers' home"
     d=$(quote "$REMOTE_DIR")
-    install="$(quote "$PYTHON") -m pip install -U pip && $(quote "$PYTHON") -m pip install -e $(quote "./$REMOTE_DIR")"
+    py=$(quote "$PYTHON")
+    install="$py -m pip install -U pip && $py -m pip install -e $(quote "./$REMOTE_DIR")"
     install+=" $(quote "$JAX_SPEC")${PIP_EXTRA:+ $PIP_EXTRA}"
     if [[ -n $REPO_URL ]]; then
       fetch="rm -rf $d && git clone $(quote "$REPO_URL") $d"
@@ -360,7 +362,8 @@ case $SUBCOMMAND in
         pack="cd $(quote "$REPO") && git ls-files -z --cached --others --exclude-standard"
         pack+=" | tar --null --ignore-failed-read -czf $(quote "$archive") -T -"
       else
-        pack="cd $(quote "$REPO") && tar --exclude=.git --exclude='.venv*' --exclude=__pycache__ -czf $(quote "$archive") ."
+        pack="cd $(quote "$REPO") && tar --exclude=.git --exclude='.venv*' --exclude=__pycache__"
+        pack+=" -czf $(quote "$archive") ."
       fi
       run bash -c "$pack"
       extra=()
@@ -387,7 +390,8 @@ case $SUBCOMMAND in
     cmd+=("--workdir=$WORKDIR" "${OVERRIDES[@]}")
     wflags=("--jax-init=$JAX_INIT")
     ((DETACH)) && wflags+=(--detach)
-    remote="cd $(quote "$REMOTE_DIR") && bash launch/tpu_vm.sh _worker $(quote_all "${wflags[@]}") -- $(quote_all "${cmd[@]}")"
+    remote="cd $(quote "$REMOTE_DIR") && bash launch/tpu_vm.sh _worker $(quote_all "${wflags[@]}")"
+    remote+=" -- $(quote_all "${cmd[@]}")"
     ssh_workers all "$remote"
     if ((DETACH && !DRY_RUN)); then
       echo "training runs on every worker; follow it with: $SCRIPT logs --name=$NAME --zone=$ZONE" >&2

@@ -1,6 +1,6 @@
-"""Launchers (launch/): the exact commands of tpu_vm.sh, slurm.py and sweep.py under --dry-run, the TPU workers'
-side (start, log, exit status, SIGTERM, a dropped connection) with real processes, SLURM submission through a
-stand-in sbatch/srun, sweep summaries of run directories, and one real local sweep (slow)."""
+"""Launchers (launch/): the exact commands of tpu_vm.sh, slurm.py and sweep.py under --dry-run, the TPU
+workers' side (start, log, exit status, SIGTERM, a dropped connection) with real processes, SLURM submission
+through stand-ins for sbatch/srun, sweep summaries of run directories, and one real local sweep (slow)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def remote(cmd: list[str]) -> list[str]:
 def test_tpu_create_dry_run():
   out = tpu('create', '--name=vgg', '--zone=us-central2-b', '--accelerator-type=v4-32', '--spot',
             '--project=proj', '--dry-run').stdout
-  assert commands(out) == [GCLOUD_TPU + ['create', 'vgg', '--zone=us-central2-b', '--project=proj',
-                                         '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--spot']]
+  assert commands(out) == [GCLOUD_TPU + [
+      'create', 'vgg', '--zone=us-central2-b', '--project=proj', '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base', '--spot']]
   out = tpu('create', '--name', 'v', '--zone', 'z', '--type', 'v5litepod-16', '--version',
             'v2-alpha-tpuv5-lite', '--preemptible', '--dry-run').stdout
   assert commands(out) == [GCLOUD_TPU + ['create', 'v', '--zone=z', '--accelerator-type=v5litepod-16',
@@ -111,7 +112,8 @@ def test_tpu_setup_dry_run_copies_this_checkout(tmp_path):
 
 def test_tpu_setup_dry_run_from_a_repository():
   out = tpu('setup', '--name=vgg', '--zone=z', '--repo=https://example.org/vggjax.git', '--ref=v0.1',
-            '--remote-dir=src/vgg', '--jax=jax[tpu]==0.10.2', '--pip=gcsfs', '--internal-ip', '--dry-run').stdout
+            '--remote-dir=src/vgg', '--jax=jax[tpu]==0.10.2', '--pip=gcsfs', '--internal-ip',
+            '--dry-run').stdout
   [ssh] = commands(out)
   assert ssh[:9] == GCLOUD_TPU + ['ssh', 'vgg', '--zone=z', '--worker=all', '--internal-ip']
   text = ' '.join(remote(ssh))
@@ -127,9 +129,9 @@ def test_tpu_train_dry_run_runs_the_same_command_on_all_workers():
   assert ssh[:8] == GCLOUD_TPU + ['ssh', 'vgg', '--zone=us-central2-b', '--worker=all']
   assert remote(ssh) == [
       'cd', 'vggjax', '&&', 'bash', 'launch/tpu_vm.sh', '_worker', '--jax-init=flags', '--',
-      'env', 'TFDS_DATA_DIR=gs://bucket/tfds', 'python3', '-m', 'vggjax.main', '--config=configs/vgg16.py:jitter',
-      '--workdir=gs://bucket/runs/vgg16', '--config.optimizer.lr=0.02', '--config.data.mean_rgb=(1, 2, 3)',
-      '--config.init_from=it\'s']
+      'env', 'TFDS_DATA_DIR=gs://bucket/tfds', 'python3', '-m', 'vggjax.main',
+      '--config=configs/vgg16.py:jitter', '--workdir=gs://bucket/runs/vgg16', '--config.optimizer.lr=0.02',
+      '--config.data.mean_rgb=(1, 2, 3)', '--config.init_from=it\'s']
   assert p.stderr == ''
   # --detach, the demo config (no --config), a shared filesystem (warned about), names from the environment.
   p = tpu('train', '--workdir=/mnt/shared/run', '--detach', '--jax-init=auto', '--dry-run',
@@ -153,7 +155,8 @@ def test_tpu_logs_stop_describe_delete_dry_run():
   assert remote(cmd) == ['bash', 'vggjax/launch/tpu_vm.sh', '_stop']
   assert commands(tpu('describe', *base).stdout) == [GCLOUD_TPU + ['describe', 'vgg', '--zone=z']]
   assert commands(tpu('delete', *base).stdout) == [GCLOUD_TPU + ['delete', 'vgg', '--zone=z']]
-  assert commands(tpu('delete', '--yes', *base).stdout) == [GCLOUD_TPU + ['delete', 'vgg', '--zone=z', '--quiet']]
+  assert commands(tpu('delete', '--yes', *base).stdout) == [
+      GCLOUD_TPU + ['delete', 'vgg', '--zone=z', '--quiet']]
 
 
 @pytest.mark.skipif(shutil.which('gcloud') is None, reason='the Google Cloud CLI is not installed')
@@ -178,7 +181,9 @@ def test_tpu_commands_parse_with_the_real_gcloud(tmp_path):
 @pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
 def test_shell_scripts_pass_shellcheck():
   subprocess.run(['shellcheck', TPU_VM], check=True, timeout=60)
-  subprocess.run(['shellcheck', '-e', 'SC1091', str(REPO / 'launch' / 'slurm.sbatch')], check=True, timeout=60)
+  # SC1091: the example sources a virtual environment that exists only on the cluster.
+  subprocess.run(['shellcheck', '-e', 'SC1091', str(REPO / 'launch' / 'slurm.sbatch')], check=True,
+                 timeout=60)
 
 
 # ------------------------------------------------------------------------------------ TPU worker side
@@ -260,12 +265,14 @@ def test_tpu_worker_detach_and_graceful_stop(worker_env):
   # A second start on the same worker is refused while the first runs.
   again = subprocess.run(start, capture_output=True, text=True, env=env, timeout=60)
   assert again.returncode == 1 and f'pid {pid}) is still running' in again.stderr
-  stop = subprocess.run(['bash', TPU_VM, '_stop', f'--logdir={logs}'], capture_output=True, text=True, timeout=60)
+  stop = subprocess.run(['bash', TPU_VM, '_stop', f'--logdir={logs}'], capture_output=True, text=True,
+                        timeout=60)
   assert f'sent SIGTERM to pid {pid}' in stop.stdout
   assert _wait_for(lambda: (logs / 'train.rc').exists())
   assert (logs / 'train.rc').read_text().strip() == '0'
   assert 'checkpointed, exiting' in (logs / 'latest.log').read_text()
-  stop = subprocess.run(['bash', TPU_VM, '_stop', f'--logdir={logs}'], capture_output=True, text=True, timeout=60)
+  stop = subprocess.run(['bash', TPU_VM, '_stop', f'--logdir={logs}'], capture_output=True, text=True,
+                        timeout=60)
   assert 'no training process is running' in stop.stdout
 
 
@@ -335,7 +342,8 @@ def test_slurm_dry_run_one_process_per_gpu(capsys, tmp_path, monkeypatch):
   assert opts['--ntasks-per-node'] == '4' and opts['--gres'] == 'gpu:4' and '--signal' not in opts
   assert opts['--output'] == f'{tmp_path}/runs/a/slurm-%j.out'  # relative workdirs are made absolute
   assert 'JAX_LOCAL_DEVICE_IDS' not in script  # JAX gives each task the GPU of its SLURM_LOCALID
-  assert srun_line(script)[2:] == ['/opt/venv/bin/python', '-m', 'vggjax.main', f'--workdir={tmp_path}/runs/a']
+  assert srun_line(script)[2:] == ['/opt/venv/bin/python', '-m', 'vggjax.main',
+                                   f'--workdir={tmp_path}/runs/a']
   assert '2 node(s) x 4 GPU(s), one process per GPU (8 processes in all)' in script
   assert not (tmp_path / 'runs').exists()  # a dry run writes nothing
 
@@ -400,13 +408,13 @@ def test_sweep_grid_and_names():
   assert sweep.split_values('0.01, 0.02') == ['0.01', ' 0.02']
   assert sweep.split_values('(1,2,3),(4,5,6),"a,b"') == ['(1,2,3)', '(4,5,6)', '"a,b"']
   points = sweep.grid_points(['optimizer.lr=0.01,0.02', '--config.model.name=vgg11,vgg13'])
-  assert points == [{'optimizer.lr': '0.01', 'model.name': 'vgg11'}, {'optimizer.lr': '0.01', 'model.name': 'vgg13'},
-                    {'optimizer.lr': '0.02', 'model.name': 'vgg11'}, {'optimizer.lr': '0.02', 'model.name': 'vgg13'}]
+  assert points == [{'optimizer.lr': lr, 'model.name': name}
+                    for lr in ('0.01', '0.02') for name in ('vgg11', 'vgg13')]
   assert sweep.run_names(points) == ['lr=0.01,name=vgg11', 'lr=0.01,name=vgg13', 'lr=0.02,name=vgg11',
                                      'lr=0.02,name=vgg13']
   # Keys that share their last part keep the whole key; odd characters do not reach the file system.
-  assert sweep.run_names([{'model.name': 'vgg11', 'data.name': 'a/b'}, {'model.name': 'vgg13', 'data.name': 'c'}]) \
-      == ['model.name=vgg11,data.name=a_b', 'model.name=vgg13,data.name=c']
+  points = [{'model.name': 'vgg11', 'data.name': 'a/b'}, {'model.name': 'vgg13', 'data.name': 'c'}]
+  assert sweep.run_names(points) == ['model.name=vgg11,data.name=a_b', 'model.name=vgg13,data.name=c']
   assert sweep.run_names([{'data.mean_rgb': '(1, 2, 3)'}]) == ['mean_rgb=1,2,3']
   with pytest.raises(sweep.SweepError, match='same run'):
     sweep.run_names([{'x': 'a/b'}, {'x': 'a_b'}])
@@ -434,8 +442,8 @@ def test_sweep_dry_run_local(tmp_path, capsys):
   (tmp_path / 'points.txt').write_text('model.name=vgg11\nmodel.name=vgg13\n')
   root = tmp_path / 'sweep'
   assert sweep.main(['run', f'--root={root}', '--config=configs/demo.py', f'--points={tmp_path}/points.txt',
-                     '--grid', 'optimizer.lr=0.01,0.02', '--set', 'train.max_steps=2', '--python=python', '--dry-run',
-                     '--', '--num_cpu_devices=2']) == 0
+                     '--grid', 'optimizer.lr=0.01,0.02', '--set', 'train.max_steps=2', '--python=python',
+                     '--dry-run', '--', '--num_cpu_devices=2']) == 0
   cmds = commands(capsys.readouterr().out)
   expected = []
   for name in ('vgg11', 'vgg13'):
@@ -449,7 +457,8 @@ def test_sweep_dry_run_local(tmp_path, capsys):
 
 def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys):
   assert sweep.main(['run', '--root=gs://bucket/sweep', '--config=configs/vgg11.py', '--grid',
-                     'optimizer.lr=0.01,0.02', '--launcher=tpu', '--dry-run', '--', '--name=vgg', '--zone=z']) == 0
+                     'optimizer.lr=0.01,0.02', '--launcher=tpu', '--dry-run', '--', '--name=vgg',
+                     '--zone=z']) == 0
   cmds = commands(capsys.readouterr().out)
   assert cmds == [['bash', TPU_VM, 'train', '--name=vgg', '--zone=z', '--config=configs/vgg11.py',
                    f'--workdir=gs://bucket/sweep/lr={lr}', '--', f'--config.optimizer.lr={lr}']
@@ -459,8 +468,11 @@ def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys):
   [ssh] = commands(p.stdout)
   assert '--worker=all' in ssh and remote(ssh)[-2:] == ['--workdir=gs://bucket/sweep/lr=0.01',
                                                        '--config.optimizer.lr=0.01']
-  assert sweep.main(['run', '--root=runs/x', '--grid', 'optimizer.lr=0.1,0.2', '--launcher=tpu', '--dry-run']) == 2
+  tpu_sweep = ['run', '--grid', 'optimizer.lr=0.1,0.2', '--launcher=tpu', '--dry-run']
+  assert sweep.main(tpu_sweep + ['--root=runs/x']) == 2
   assert '--launcher=tpu needs --root=gs://' in capsys.readouterr().err
+  assert sweep.main(tpu_sweep + ['--root=gs://b/s', '--', '--name=v', '--zone=z', '--detach']) == 2
+  assert 'no --detach' in capsys.readouterr().err
 
   root = tmp_path / 's'
   assert sweep.main(['run', f'--root={root}', '--grid', 'model.name=vgg11,vgg16', '--launcher=slurm',
@@ -503,18 +515,19 @@ def test_sweep_summary_of_run_directories(tmp_path, capsys):
   header, rule, *rows = out.splitlines()
   assert header.split()[:6] == ['run', 'status', 'steps', 'loss', 'top-1', 'top-5']
   assert 'eval top-1' in header and len(rows) == 3
-  assert rows[0].split() == ['lr=0.01', 'complete', '40', '2.0250', '0.7000', '0.9000', '0.7000', '40', '0.9000',
-                             '-', '-']
+  assert rows[0].split() == ['lr=0.01', 'complete', '40', '2.0250', '0.7000', '0.9000', '0.7000', '40',
+                             '0.9000', '-', '-']
   assert rows[1].split()[:3] == ['lr=0.02', 'incomplete', '20']
-  assert rows[2].split() == ['lr=0.05', 'complete', '20', '1.0500', '0.7500', '0.9700', '0.8000', '10', '0.9700',
-                             '0.8100', '0.9600']
+  assert rows[2].split() == ['lr=0.05', 'complete', '20', '1.0500', '0.7500', '0.9700', '0.8000', '10',
+                             '0.9700', '0.8100', '0.9600']
   summary = json.loads((root / 'summary.json').read_text())
   by_name = {r['name']: r for r in summary['runs']}
   assert set(by_name) == {'lr=0.01', 'lr=0.02', 'lr=0.05'}
   assert by_name['lr=0.02']['best_val_top1'] == 0.6 and by_name['lr=0.02']['total_steps'] == 40
   assert by_name['lr=0.05']['eval'] == {'checkpoint_step': 20, 'dense': {'top1': 0.81, 'top5': 0.96}}
   assert sweep.main(['summary', f'--root={root}', '--sort=best_top1']) == 0
-  assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]] == ['lr=0.05', 'lr=0.01', 'lr=0.02']
+  ranked = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:]]
+  assert ranked == ['lr=0.05', 'lr=0.01', 'lr=0.02']
   assert sweep.main(['summary', f'--root={tmp_path / "nothing"}']) == 2
 
 
@@ -526,7 +539,8 @@ def test_sweep_skips_complete_runs_and_submitted_jobs(tmp_path, capsys):
   out, err = capsys.readouterr()
   assert [c[3] for c in commands(out)] == [f'--workdir={root}/lr=0.02', f'--workdir={root}/lr=0.03']
   assert 'lr=0.01: complete (step 40 of 40), skipped' in err
-  assert sweep.main(['run', f'--root={root}', '--grid', 'optimizer.lr=0.01,0.02', '--rerun', '--dry-run']) == 0
+  assert sweep.main(['run', f'--root={root}', '--grid', 'optimizer.lr=0.01,0.02', '--rerun',
+                     '--dry-run']) == 0
   assert len(commands(capsys.readouterr().out)) == 2
 
   # SLURM: each point is submitted once (a stand-in sbatch records the jobs); a second sweep submits none.
@@ -571,4 +585,5 @@ def test_sweep_local_runs_the_real_cli_and_resumes(tmp_path):
                      capture_output=True, text=True, timeout=60)
   assert s.returncode == 0
   row = [ln.split() for ln in s.stdout.splitlines() if ln.startswith('lr=0.02')][0]
-  assert row[:3] == ['lr=0.02', 'complete', '2'] and float(row[4]) == pytest.approx(rows[-1]['val_top1'], abs=1e-4)
+  assert row[:3] == ['lr=0.02', 'complete', '2']
+  assert float(row[4]) == pytest.approx(rows[-1]['val_top1'], abs=1e-4)
