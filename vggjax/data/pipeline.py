@@ -157,7 +157,7 @@ class _TrainBatchFn(_BatchFn):
     bad = []
 
     def transform(image, i):
-      return transforms.train_transform(image, transforms.example_rng(self.seed, epoch, i), **self.kw)
+      return transforms.train_transform_view(image, transforms.example_rng(self.seed, epoch, i), **self.kw)
 
     for j, index in enumerate(indices):
       images[j], labels[j], b = self._read(int(index), transform)

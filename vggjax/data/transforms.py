@@ -251,14 +251,20 @@ def train_transform(image: ImageOrBytes, rng: RngOrSeed, *, image_size: int = 22
 
   image: uint8 (H, W[, C]) or encoded bytes. rng: a Generator, or a seed for one.
   """
+  return np.ascontiguousarray(train_transform_view(image, rng, image_size=image_size, scale_min=scale_min,
+                                                   scale_max=scale_max, random_flip=random_flip,
+                                                   dct_scaling=dct_scaling))
+
+
+def train_transform_view(image: ImageOrBytes, rng: RngOrSeed, *, image_size: int = 224, scale_min: int = 256,
+                         scale_max: int = 256, random_flip: bool = True, dct_scaling: bool = True) -> np.ndarray:
+  """``train_transform`` as a (possibly non-contiguous) view, for copying straight into a batch."""
   h0, w0 = dimensions(image)
   s, top, left, flipped = train_params(h0, w0, rng, image_size=image_size, scale_min=scale_min,
                                        scale_max=scale_max, random_flip=random_flip)
   h, w = rescaled_size(h0, w0, s)
   out = resize(load(image, s, dct_scaling), h, w)[top:top + image_size, left:left + image_size]
-  if flipped:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+  return out[:, ::-1] if flipped else out
 
 
 def eval_transform(image: ImageOrBytes, *, image_size: int = 224, scale: int = 256,
