@@ -67,8 +67,11 @@ def test_descriptor_follows_appendix_b(weights_dir, photos):
   fc7 = jax.jit(lambda v, x: model.apply(v, x, method='fc7_map'))
 
   def per_scale(image, q):  # fc7 map averaged over space, then with the flipped image's
-    x = (rescale(image, q)[None].astype(np.float32) * norm.scale - np.float32(norm.mean)) / np.float32(norm.std)
-    return (np.asarray(fc7(variables, x)).mean((1, 2)) + np.asarray(fc7(variables, x[:, :, ::-1])).mean((1, 2)))[0] / 2
+    x = rescale(image, q)[None].astype(np.float32) * norm.scale
+    x = (x - np.float32(norm.mean)) / np.float32(norm.std)
+    pooled = np.asarray(fc7(variables, x)).mean((1, 2))
+    pooled_flipped = np.asarray(fc7(variables, x[:, :, ::-1])).mean((1, 2))
+    return (pooled + pooled_flipped)[0] / 2
 
   scales = (64, 96)
   want = np.stack([np.mean([per_scale(p, q) for q in scales], axis=0) for p in photos])
@@ -76,7 +79,7 @@ def test_descriptor_follows_appendix_b(weights_dir, photos):
   got = features.extract(variables, meta, photos, scales)
   assert got.shape == (2, FC) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-5)
-  # Stacked: the per-scale descriptors side by side, normalised together; their sum is the average's direction.
+  # Stacked: per-scale descriptors side by side, normalised together; their sum is the average's direction.
   stacked = features.extract(variables, meta, photos, scales, combine='stack')
   assert stacked.shape == (2, 2 * FC)
   np.testing.assert_allclose(np.linalg.norm(stacked, axis=1), 1.0, atol=1e-6)
@@ -110,8 +113,9 @@ def test_cli_writes_features_of_a_folder(weights_dir, photos, tmp_path):
   (folder / 'notes.txt').write_text('not an image')
   out = tmp_path / 'feats.npz'
   result = subprocess.run(
-      [sys.executable, '-m', 'vggjax.features', f'--checkpoint={weights_dir}', f'--out={out}', '--scales=64,96',
-       str(folder)], env=subprocess_env(1), capture_output=True, text=True, timeout=300, check=False)
+      [sys.executable, '-m', 'vggjax.features', f'--checkpoint={weights_dir}', f'--out={out}',
+       '--scales=64,96', str(folder)],
+      env=subprocess_env(1), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   saved = np.load(out)
   files = [str(folder / 'a.png'), str(folder / 'b.png'), str(folder / 'sub' / 'c.jpg')]

@@ -1,5 +1,6 @@
-"""vggjax.predict: the CLI's top-5 on converted torchvision weights equals torchvision's own pipeline; the
-single-crop and dense protocols equal their definitions; training workdirs with and without class names."""
+"""vggjax.predict: the CLI's top-5 on converted torchvision weights equals PyTorch's with torchvision's
+evaluation transform; the single-crop and dense protocols equal their definitions; training workdirs with and
+without class names."""
 
 import json
 import subprocess
@@ -35,10 +36,34 @@ def random_variables(model, seed=0, input_scale=1.0):
   return variables
 
 
-def torchvision_transforms():
+def tv_resize(image, size):
+  """torchvision's Resize(size) of a PIL image: smaller side to size, the other truncated, PIL bilinear."""
+  w, h = image.size
+  short, long = (w, h) if w <= h else (h, w)
+  long = int(size * long / short)
+  return image.resize((size, long) if w <= h else (long, size), Image.BILINEAR)
+
+
+def tv_center_crop(image, size):
+  """torchvision's CenterCrop(size) of a PIL image."""
+  w, h = image.size
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
+
+
+def test_reference_transforms_are_torchvisions(photo_files):
+  """The references above are torchvision's eval transforms, pixel for pixel (where torchvision exists)."""
   meta_registrations = 'torchvision._meta_registrations'  # torchvision's import needs this stub on CPU
   sys.modules.setdefault(meta_registrations, types.ModuleType(meta_registrations))
-  return pytest.importorskip('torchvision.transforms')
+  transforms = pytest.importorskip('torchvision.transforms')
+  for f in photo_files:
+    image = Image.open(f).convert('RGB')
+    for size, crop in ((256, 224), (73, 64), (96, None)):
+      tv = transforms.Resize(size)(image)
+      ours = tv_resize(image, size)
+      if crop:
+        tv, ours = transforms.CenterCrop(crop)(tv), tv_center_crop(ours, crop)
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(tv))
 
 
 @pytest.fixture(scope='module')
@@ -53,10 +78,9 @@ def photo_files(real_photos, tmp_path_factory):
   return files
 
 
-def test_cli_top5_agrees_with_torchvision(photo_files, tmp_path):
+def test_cli_top5_agrees_with_pytorch(photo_files, tmp_path):
   torch = pytest.importorskip('torch')
   from vggjax.torch_vgg import TorchVGG
-  transforms = torchvision_transforms()
   torch.manual_seed(0)
   net = TorchVGG('vgg16').eval()
   with torch.no_grad():
@@ -69,12 +93,12 @@ def test_cli_top5_agrees_with_torchvision(photo_files, tmp_path):
       env=subprocess_env(1), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   got = json.loads(result.stdout)
-  # torchvision's evaluation pipeline on the same files.
-  pipeline = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                 transforms.Normalize(TV_MEAN, TV_STD)])
-  batch = torch.stack([pipeline(Image.open(f).convert('RGB')) for f in files])
+  # torchvision's evaluation pipeline on the same files: Resize(256), CenterCrop(224), ToTensor, Normalize.
+  crops = np.stack([np.asarray(tv_center_crop(tv_resize(Image.open(f).convert('RGB'), 256), 224))
+                    for f in files])
+  x = (crops.astype(np.float32) / 255.0 - np.float32(TV_MEAN)) / np.float32(TV_STD)
   with torch.no_grad():
-    want = torch.softmax(net(batch), dim=1).numpy()
+    want = torch.softmax(net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), dim=1).numpy()
   names = labels.imagenet_names()
   assert [g['file'] for g in got] == files
   for g, w in zip(got, want):
@@ -96,7 +120,6 @@ def narrow_weights(directory, normalization, class_names=None, name='vgg11'):
 
 
 def test_single_crop_and_dense_protocols(photo_files, tmp_path):
-  transforms = torchvision_transforms()
   caffe = Normalization(mean=(103.939, 116.779, 123.68), color_order='BGR')
   model = narrow_weights(tmp_path / 'w', caffe)
   variables, meta = checkpoints.load_weights(tmp_path / 'w')
@@ -110,14 +133,13 @@ def test_single_crop_and_dense_protocols(photo_files, tmp_path):
   pils = [Image.open(f) for f in photo_files]
   # Single crop at the default Q = 64 * 256 / 224 = 73: rescale the smaller side, central 64x64 crop.
   got = predict.predict(variables, meta, photo_files)
-  crop = transforms.Compose([transforms.Resize(73), transforms.CenterCrop(64)])
-  want = np.stack([posterior(crop(p)) for p in pils])
+  want = np.stack([posterior(tv_center_crop(tv_resize(p, 73), 64)) for p in pils])
   np.testing.assert_allclose(got, want, atol=2e-6)
   # Dense, two scales: whole image (score map averaged), averaged with its flip, then over scales.
   got = predict.predict(variables, meta, [np.asarray(p.convert('RGB')) for p in pils], protocol='dense',
                         scales=[64, 96], batch_size=2)
-  want = np.stack([np.mean([(posterior(transforms.Resize(q)(p)) +
-                             posterior(transforms.Resize(q)(p).transpose(Image.FLIP_LEFT_RIGHT))) / 2
+  want = np.stack([np.mean([(posterior(tv_resize(p, q)) +
+                             posterior(tv_resize(p, q).transpose(Image.FLIP_LEFT_RIGHT))) / 2
                             for q in (64, 96)], axis=0) for p in pils])
   np.testing.assert_allclose(got, want, atol=2e-6)
   np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
@@ -127,7 +149,7 @@ def test_single_crop_and_dense_protocols(photo_files, tmp_path):
 
 
 def test_training_workdir_without_and_with_class_names(photo_files, tmp_path):
-  """A training run's workdir: its latest checkpoint and config; class indices unless the config names them."""
+  """A training run's workdir: its latest checkpoint and config; indices unless the config names classes."""
   from configs import default
   model = models.get_model('vgg11', width=1 / 16, fc_features=32, num_classes=10, image_size=64)
   variables = random_variables(model, seed=1)  # the config normalises by std_rgb
@@ -141,7 +163,7 @@ def test_training_workdir_without_and_with_class_names(photo_files, tmp_path):
   for class_names in (None, [f'class {i}' for i in range(10)]):
     (workdir / 'config.json').write_text(json.dumps({**config, 'labels': class_names}))
     loaded, meta = checkpoints.load_weights(workdir)
-    assert meta['step'] == 7
+    assert meta['step'] == 7 and predict.default_scale(meta) == 64  # Q = S for a fixed training scale
     probs = predict.predict(loaded, meta, photo_files[:1])
     names = labels.resolve(meta['labels'], meta['model']['num_classes'])
     (pred,) = predict.top_k(probs, photo_files[:1], names)

@@ -6,7 +6,8 @@
 Protocols (paper section 3.2):
 
 * ``single``: the image is rescaled so that its smaller side is Q, and the central crop of the training size
-  is classified (Q = image_size * 256 / 224 by default: 256 at 224, as torchvision evaluates);
+  is classified. By default Q = image_size * 256 / 224 (256 at 224, as torchvision and Caffe evaluate), or,
+  for a vggjax training run, the paper's Q for its training scales: S, or (Smin + Smax) / 2 if jittered;
 * ``dense``: the whole image rescaled to Q goes through the fully convolutional network; the class score map
   is averaged over space, and the softmax posteriors of the image and its horizontal flip are averaged.
 
@@ -127,9 +128,13 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
 # ------------------------------------------------------------------------------------------------ predict
 
-def default_scale(image_size: int) -> int:
-  """Q for single-crop evaluation: 256 at a training size of 224 (the ratio torchvision and Caffe use)."""
-  return int(round(image_size * 256 / 224))
+def default_scale(meta: dict) -> int:
+  """The default Q: for a training run the paper's (section 4.1): S, or (Smin + Smax) / 2 for jittered S;
+  otherwise image_size * 256 / 224 (256 at 224: the ratio torchvision and Caffe evaluate at)."""
+  data = meta.get('data') or {}
+  if data.get('scale_min') and data.get('scale_max'):
+    return int(round((data['scale_min'] + data['scale_max']) / 2))
+  return int(round(meta['model']['image_size'] * 256 / 224))
 
 
 def _probabilities_fn(model, norm: Normalization, flip: bool) -> Callable:
@@ -151,13 +156,13 @@ def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str 
     meta: the weights metadata (model, normalization).
     protocol: 'single' (central crop of the image rescaled to Q) or 'dense' (whole image at Q, score map
       averaged, averaged with the flipped image).
-    scales: the Qs whose posteriors are averaged (default: image_size * 256 / 224).
+    scales: the Qs whose posteriors are averaged (default: ``default_scale(meta)``).
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'unknown protocol {protocol!r}; valid: {", ".join(PROTOCOLS)}')
   model = checkpoints.model_from_meta(meta)
   size = model.image_size
-  scales = [int(q) for q in (scales or [default_scale(size)])]
+  scales = [int(q) for q in (scales or [default_scale(meta)])]
   if min(scales) < size:
     raise ValueError(f'scales {scales} must be at least the training size {size}')
   fn = _probabilities_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
@@ -217,7 +222,8 @@ def _define_flags():
                       '(its latest checkpoint) or WORKDIR/checkpoints/<step>.')
   flags.DEFINE_enum('protocol', 'single', list(PROTOCOLS), 'single: central crop of the image rescaled to Q; '
                     'dense: the whole image at Q, score map averaged, averaged with its flip.')
-  flags.DEFINE_list('scales', [], 'Q values whose posteriors are averaged (default: image_size * 256 / 224).')
+  flags.DEFINE_list('scales', [], 'Q values whose posteriors are averaged (default: image_size * 256 / 224; '
+                    'for a training run S, or (Smin + Smax) / 2 if S was jittered).')
   flags.DEFINE_boolean('json', False, 'Print a JSON list (per image: file, indices, names, probabilities).')
   flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
