@@ -18,7 +18,8 @@ Converting a TFDS dataset prepared as tfrecord (which random access cannot read)
 
     python -m vggjax.data.prepare convert --name=imagenet2012 --data_dir=~/tensorflow_datasets [--out_dir=DIR]
 
-Conversion reads tfrecord, so it needs TensorFlow (``pip install "vggjax[tf]"``); training never does.
+The conversion copies the serialized examples record by record (TFRecord framing read in Python, CRCs not
+verified; array_record written with group_size 1, as TFDS writes it): it needs neither TensorFlow nor Beam.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import struct
 import sys
 
 import numpy as np
@@ -109,21 +111,79 @@ def compute_stats(data_cfg, num_images: int = 0, num_threads: int = 4, split: st
   return out
 
 
-def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None, num_workers: int = 4) -> None:
-  """Converts TFDS dataset `name` (every config and version found under data_dir/name) to array_record."""
-  try:
-    import tensorflow  # noqa: F401  # reading tfrecord needs it
-  except ImportError as e:
-    raise SystemExit('converting tfrecord to array_record needs TensorFlow: pip install "vggjax[tf]" '
-                     '(training and evaluation never do)') from e
-  from tensorflow_datasets.scripts.cli import convert_format_utils
-  root = pathlib.Path(os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')))
-  dataset_dir = root.expanduser() / name.split(':')[0]
-  if not dataset_dir.is_dir():
-    raise SystemExit(f'no TFDS dataset directory {dataset_dir} (looked for DATA_DIR/{name}); prepare it with '
-                     f'`tfds build {name} --data_dir={root}` (add --file_format=array_record to skip this step)')
-  convert_format_utils.convert_dataset(out_dir=out_dir or None, out_file_format='array_record',
-                                       dataset_dir=str(dataset_dir), num_workers=num_workers)
+def read_tfrecord(path: str | os.PathLike):
+  """Yields the records of an uncompressed TFRecord file (CRCs are not verified); no TensorFlow needed."""
+  with open(path, 'rb') as f:
+    while True:
+      header = f.read(12)  # uint64 length, uint32 masked CRC-32C of the length
+      if not header:
+        return
+      if len(header) < 12:
+        raise ValueError(f'{path}: truncated record header')
+      (length,) = struct.unpack('<Q', header[:8])
+      data = f.read(length)
+      if len(data) < length or len(f.read(4)) < 4:
+        raise ValueError(f'{path}: truncated record')
+      yield data
+
+
+def _dataset_version_dirs(root: pathlib.Path, name: str) -> list[pathlib.Path]:
+  """DATA_DIR/name[/config]/version directories (those holding a dataset_info.json)."""
+  base = root / name.split(':')[0]
+  if (base / 'dataset_info.json').exists():  # name already includes the config/version
+    return [base]
+  return sorted(p.parent for p in list(base.glob('*/dataset_info.json')) + list(base.glob('*/*/dataset_info.json')))
+
+
+def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None) -> list[pathlib.Path]:
+  """Converts TFDS dataset `name` prepared as tfrecord (every config and version under data_dir/name) to
+  array_record, in place (dataset_info.json lists array_record as an alternative file format, which TFDS
+  picks for random access) or into out_dir (same layout, array_record only). Needs neither TensorFlow
+  nor Beam. Returns the converted version directories."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  root = pathlib.Path(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')).expanduser()
+  version_dirs = _dataset_version_dirs(root, name)
+  if not version_dirs:
+    raise FileNotFoundError(f'no prepared TFDS dataset under {root / name} (looked for '
+                            f'{root / name}/[CONFIG/]VERSION/dataset_info.json); prepare it with '
+                            f'`tfds build {name} --data_dir={root} --file_format=array_record` (needs the tf extra)')
+  converted = []
+  for vdir in version_dirs:
+    info_path = vdir / 'dataset_info.json'
+    info = json.loads(info_path.read_text())
+    formats = [info.get('fileFormat', 'tfrecord')] + list(info.get('alternativeFileFormats', []))
+    if 'array_record' in formats and not out_dir:
+      print(f'{vdir}: already has array_record')
+      continue
+    target = pathlib.Path(out_dir).expanduser() / vdir.relative_to(root) if out_dir else vdir
+    target.mkdir(parents=True, exist_ok=True)
+    shards = sorted(vdir.glob('*.tfrecord-*-of-*'))
+    if not shards:
+      raise FileNotFoundError(f'{vdir} has no *.tfrecord-NNNNN-of-NNNNN shards to convert')
+    for shard in shards:
+      out = target / shard.name.replace('.tfrecord-', '.array_record-')
+      tmp = out.with_name(out.name + '.incomplete')
+      writer = ArrayRecordWriter(str(tmp), 'group_size:1')  # one record per chunk: random access
+      count = 0
+      for record in read_tfrecord(shard):
+        writer.write(record)
+        count += 1
+      writer.close()
+      os.replace(tmp, out)
+      print(f'{shard.name} -> {out.name}: {count} records')
+    if out_dir:
+      for j in vdir.glob('*.json'):
+        if j.name != 'dataset_info.json':
+          (target / j.name).write_bytes(j.read_bytes())
+      for j in vdir.glob('*.labels.txt'):
+        (target / j.name).write_bytes(j.read_bytes())
+      info['fileFormat'] = 'array_record'
+      info.pop('alternativeFileFormats', None)
+    else:
+      info['alternativeFileFormats'] = list(info.get('alternativeFileFormats', [])) + ['array_record']
+    (target / 'dataset_info.json').write_text(json.dumps(info, indent=2))
+    converted.append(target)
+  return converted
 
 
 def main(argv=None) -> None:
@@ -140,7 +200,6 @@ def main(argv=None) -> None:
   name = flags.DEFINE_string('name', '', 'convert: the TFDS dataset name (e.g. imagenet2012)')
   data_dir = flags.DEFINE_string('data_dir', '', 'convert: the TFDS data_dir')
   out_dir = flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in place)')
-  workers = flags.DEFINE_integer('num_workers', 4, 'convert: parallel shard conversions')
 
   def run(args):
     if len(args) != 2 or args[1] not in ('stats', 'convert'):
@@ -148,8 +207,8 @@ def main(argv=None) -> None:
     if args[1] == 'convert':
       if not name.value:
         raise app.UsageError('convert needs --name (and usually --data_dir)')
-      convert_to_array_record(name.value, data_dir.value, out_dir.value, workers.value)
-      print(f'converted {name.value} to array_record')
+      done = convert_to_array_record(name.value, data_dir.value, out_dir.value)
+      print(f'converted {name.value} to array_record: {", ".join(map(str, done)) or "nothing to do"}')
       return
     stats = compute_stats(config.value.data, num_images.value, num_threads.value)
     text = json.dumps(stats, indent=2)

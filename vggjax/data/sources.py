@@ -315,7 +315,7 @@ def _tfds_missing_message(name: str, data_dir: str, builder, error: BaseExceptio
     prepared = False
   if prepared and str(builder.info.file_format).lower().endswith('tfrecord'):
     return (f'TFDS dataset {name!r} in {looked} is prepared as tfrecord, which random access (and so this '
-            f'pipeline) cannot read. Convert it to array_record (needs the tf extra):\n'
+            f'pipeline) cannot read. Convert it to array_record:\n'
             f'  python -m vggjax.data.prepare convert --name={name} --data_dir={where}')
   return f'TFDS dataset {name!r} not found in {looked} ({type(error).__name__}: {str(error)[:300]}).\n{prepare}'
 
@@ -354,8 +354,11 @@ class TfdsSource(Source):
     self._raw = True
     if len(raw):
       try:
-        self._parse(raw[0])
-      except ImportError:  # parsing these records needs TensorFlow (TFDS' mock data): let TFDS decode
+        example = self._parse(raw[0])
+        parsed = isinstance(example, dict) and self.image_key in example
+      except ImportError:  # parsing these records needs TensorFlow (TFDS' mock data)
+        parsed = False
+      if not parsed:  # records this parser cannot take apart (TFDS' mock data): let TFDS decode them
         self._ds = builder.as_data_source(split=self.split)
         self._raw = False
 
