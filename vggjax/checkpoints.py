@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -31,14 +31,15 @@ CHECKPOINT_DIR = 'checkpoints'
 MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
 
 
-def _abs(path: str | os.PathLike) -> epath.Path:
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """An absolute epath (local paths made absolute; gs:// and other remote paths as given)."""
   p = epath.Path(path)
-  return p if str(p).startswith(('gs://', 's3://')) else epath.Path(os.path.abspath(os.fspath(p)))
+  return p if '://' in str(p) else epath.Path(os.path.abspath(os.fspath(p)))
 
 
 def save_weights(directory: str | os.PathLike, variables: Mapping, meta: Mapping) -> epath.Path:
   """Writes variables ({'params', ['batch_stats']}) and their metadata to a weights directory."""
-  directory = _abs(directory)
+  directory = absolute(directory)
   missing = [k for k in ('name', 'num_classes', 'image_size') if k not in meta.get('model', {})]
   if missing:
     raise ValueError(f'weights metadata needs model.{missing}; got {dict(meta)}')
@@ -79,7 +80,7 @@ def normalization_from_meta(meta: Mapping) -> Normalization:
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
   """The newest complete checkpoint step of a training run (None if there is none)."""
-  directory = _abs(workdir) / CHECKPOINT_DIR
+  directory = absolute(workdir) / CHECKPOINT_DIR
   if not directory.exists():
     return None
   steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp, 'utils') else []
@@ -90,7 +91,7 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
 
 def _resolve(path: str | os.PathLike) -> tuple[str, epath.Path, int | None]:
   """('weights', dir, None) or ('run', workdir, step) for a weights dir, a workdir, or a step directory."""
-  p = _abs(path)
+  p = absolute(path)
   if (p / META_FILE).exists():
     return 'weights', p, None
   if (p / 'config.json').exists():

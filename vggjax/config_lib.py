@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from vggjax import models, optim
 
@@ -106,10 +107,15 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def write(config: ml_collections.ConfigDict, workdir: str, extra: dict | None = None) -> None:
+def write(config: ml_collections.ConfigDict, workdir, extra: dict | None = None) -> None:
+  """WORKDIR/config.json: the resolved config (plus `extra`), written whole (local or gs://)."""
   d = json.loads(to_json(config))
   d.update(extra or {})
-  tmp = os.path.join(workdir, 'config.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(d, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
+  text = json.dumps(d, indent=2, sort_keys=True)
+  path = epath.Path(workdir) / 'config.json'
+  if '://' in str(path):
+    path.write_text(text)
+    return
+  tmp = path.with_name('config.json.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)

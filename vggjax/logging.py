@@ -3,15 +3,26 @@ TensorBoard event files and a PNG of the curves. Only process 0 writes; the othe
 
 from __future__ import annotations
 
+import io
 import json
 import logging as _logging
 import math
-import os
 import sys
 import time
 from typing import Any, Iterable
 
+from etils import epath
+
 log = _logging.getLogger('vggjax')
+
+
+def run_path(workdir, *parts: str) -> epath.Path:
+  """A path in a run directory: local, or on a remote filesystem such as gs:// (etils.epath)."""
+  return epath.Path(workdir).joinpath(*parts)
+
+
+def is_local(path: epath.Path) -> bool:
+  return '://' not in str(path)
 
 
 def _clean(v: Any) -> Any:
@@ -23,51 +34,72 @@ def _clean(v: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends one JSON object per row to WORKDIR/metrics.jsonl and writes scalars to TensorBoard."""
+  """Appends one JSON object per row to WORKDIR/metrics.jsonl and writes scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  On a local filesystem rows are appended; on object stores (gs://), which cannot append, the file is
+  rewritten whole at most every `remote_flush_secs` and at close."""
+
+  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True, remote_flush_secs: float = 60):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = run_path(workdir, 'metrics.jsonl')
+    self._local = is_local(self.path)
+    self._rows: list[str] = []
+    self._flush_secs, self._flushed = remote_flush_secs, time.time()
+    if enabled and not self._local and self.path.exists():
+      self._rows = [line + '\n' for line in self.path.read_text().splitlines() if line.strip()]
     self._tb = None
     if enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+        self._tb = SummaryWriter(str(run_path(workdir, 'tensorboard')), flush_secs=30)
       except ImportError:  # optional
         log.warning('tensorboardX is not installed: no TensorBoard events are written')
+      except Exception as e:  # e.g. a remote filesystem tensorboardX cannot write to
+        log.warning('no TensorBoard events: %s', e)
 
   def truncate_after(self, step: int) -> None:
     """Drops rows beyond `step` (a resumed run repeats them)."""
-    if not (self.enabled and os.path.exists(self.path)):
+    if not (self.enabled and self.path.exists()):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-    with open(self.path, 'w') as f:
-      f.writelines(rows)
+    rows = [line + '\n' for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get('step', 0) <= step]
+    self.path.write_text(''.join(rows))
+    self._rows = rows if not self._local else []
 
   def write(self, row: dict) -> None:
     if not self.enabled:
       return
     row = {k: _clean(v) for k, v in row.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    line = json.dumps(row) + '\n'
+    if self._local:
+      with open(self.path, 'a') as f:
+        f.write(line)
+    else:
+      self._rows.append(line)
+      if time.time() - self._flushed > self._flush_secs:
+        self.flush()
     if self._tb is not None:
       step = row.get('step', 0)
       for k, v in row.items():
         if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    if self.enabled and not self._local:
+      self.path.write_text(''.join(self._rows))
+      self._flushed = time.time()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+def read_metrics(workdir) -> list[dict]:
+  path = run_path(workdir, 'metrics.jsonl')
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -109,7 +141,7 @@ class ProgressBar:
       self.stream.flush()
 
 
-def plot_curves(workdir: str, rows: Iterable[dict] | None = None) -> str | None:
+def plot_curves(workdir, rows: Iterable[dict] | None = None) -> epath.Path | None:
   """WORKDIR/curves.png: training loss and validation top-1/top-5 against the step."""
   rows = list(rows if rows is not None else read_metrics(workdir))
   train = [r for r in rows if 'loss' in r and isinstance(r['loss'], (int, float))]
@@ -137,7 +169,9 @@ def plot_curves(workdir: str, rows: Iterable[dict] | None = None) -> str | None:
   ax2.set_ylim(0, 1)
   ax2.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  path = run_path(workdir, 'curves.png')
+  path.write_bytes(buffer.getvalue())
   return path

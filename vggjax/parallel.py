@@ -30,10 +30,27 @@ def _env_int(name: str, default: int = 0) -> int:
     return default
 
 
+def _cloud_tpu_vm_workers() -> int:
+  """Workers of this Cloud TPU VM slice, from the GCE metadata server (0 elsewhere, without asking it)."""
+  import glob
+  import urllib.request
+  if not (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+    return 0
+  req = urllib.request.Request('http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
+                               'worker-network-endpoints', headers={'Metadata-Flavor': 'Google'})
+  try:
+    with urllib.request.urlopen(req, timeout=2) as r:
+      return len([w for w in r.read().decode().split(',') if w])
+  except OSError:
+    return 0
+
+
 def detect_cluster() -> str | None:
-  """The multi-process environment this process runs in, if any: 'tpu_pod', 'slurm', 'mpi' or None."""
+  """The multi-process environment this process runs in, if any: 'tpu_pod', 'slurm', 'mpi' or None.
+  A TPU pod slice is seen from GKE's TPU_WORKER_HOSTNAMES, multislice's MEGASCALE_NUM_SLICES, or, on a
+  Cloud TPU VM, the metadata server's worker list; jax.distributed.initialize() then fills in the rest."""
   hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
-  if len(hosts) > 1 or _env_int('MEGASCALE_NUM_SLICES') > 1:
+  if len(hosts) > 1 or _env_int('MEGASCALE_NUM_SLICES') > 1 or _cloud_tpu_vm_workers() > 1:
     return 'tpu_pod'
   if os.environ.get('SLURM_JOB_ID') and _env_int('SLURM_NTASKS') > 1 and 'SLURM_PROCID' in os.environ:
     return 'slurm'

@@ -19,8 +19,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import os
 import signal
 import threading
 import time
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vggjax import checkpoints, config_lib, models, optim, parallel
@@ -242,7 +241,7 @@ class TrainCheckpointer:
     import grain.checkpoint
     import orbax.checkpoint as ocp
     self._ocp, self._grain = ocp, grain.checkpoint
-    directory = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_DIR)
+    directory = checkpoints.absolute(workdir) / checkpoints.CHECKPOINT_DIR
     self.manager = ocp.CheckpointManager(
         directory,
         # A step directory is written under a temporary name and renamed when complete: a run killed
@@ -318,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   from vggjax.data import pipeline  # the data layer (imported here: models/optim need none of it)
 
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   info = pipeline.dataset_info(config.data)
   config = config_lib.resolve(config, info.num_classes)
