@@ -111,7 +111,7 @@ def test_time_steps_excludes_warmup_and_syncs_before_reading_the_clock(monkeypat
 TRAIN_FIELDS = {'step_time_s', 'step_time_min_s', 'step_time_max_s', 'step_times_s', 'steps', 'repeats',
                 'warmup_step_s', 'compile_s', 'images_per_s', 'tflops', 'tflops_per_device', 'mfu',
                 'gflops_per_image', 'xla_gflops_per_image', 'peak_memory_bytes', 'memory_limit_bytes',
-                'compiled_memory', 'final_loss'}
+                'compiled_memory', 'final_loss', 'cpu_time_per_step_s'}
 TOP_FIELDS = {'framework', 'framework_version', 'backend', 'device_kind', 'device_count', 'process_count',
               'cpu_count', 'peak_tflops_per_device', 'peak_source', 'date', 'model', 'width', 'fc_features',
               'num_classes', 'image_size', 'dtype', 'batch', 'per_device_batch', 'remat', 'optimizer', 'train',

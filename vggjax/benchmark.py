@@ -118,10 +118,12 @@ def throughput(flops_per_image: float, batch: int, step_time_s: float, peak_per_
 
 @dataclasses.dataclass
 class Timing:
-  """Per-step times (seconds) of each repeat of `steps` back-to-back steps."""
+  """Per-step times (seconds) of each repeat of `steps` back-to-back steps, and the process's CPU time per
+  step (all its threads: on a CPU backend, the work done, whatever else the machine runs)."""
   per_step: list[float]
   steps: int
   warmup_s: list[float]
+  cpu_per_step: list[float] = dataclasses.field(default_factory=list)
 
   @property
   def median(self) -> float:
@@ -130,7 +132,8 @@ class Timing:
   def to_dict(self) -> dict:
     return {'step_time_s': self.median, 'step_time_min_s': min(self.per_step),
             'step_time_max_s': max(self.per_step), 'step_times_s': self.per_step, 'steps': self.steps,
-            'repeats': len(self.per_step), 'warmup_step_s': self.warmup_s}
+            'repeats': len(self.per_step), 'warmup_step_s': self.warmup_s,
+            'cpu_time_per_step_s': statistics.median(self.cpu_per_step) if self.cpu_per_step else None}
 
 
 def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], *, steps: int, repeats: int,
@@ -144,15 +147,17 @@ def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], *, steps: int
     t0 = time.perf_counter()
     sync(run())
     warm.append(time.perf_counter() - t0)
-  per_step = []
+  per_step, cpu = [], []
   for _ in range(repeats):
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = None
     for _ in range(steps):
       out = run()
     sync(out)
     per_step.append((time.perf_counter() - t0) / steps)
-  return Timing(per_step=per_step, steps=steps, warmup_s=warm)
+    cpu.append((time.process_time() - c0) / steps)
+  return Timing(per_step=per_step, steps=steps, warmup_s=warm, cpu_per_step=cpu)
 
 
 def cpu_name() -> str:
