@@ -273,6 +273,10 @@ def test_keras_file_for_the_wrong_model_names_the_layers(keras_vgg16):
     weights.load_file('keras', files['keras3'], 'vgg16', num_classes=10)
   with pytest.raises(weights.ConversionError, match='unexpected Keras layers: block3_conv3, block4_conv3'):
     weights.load_file('keras', files['keras3'], 'vgg13')
+  layers, _ = weights.read_keras_file(files['keras3'])
+  notop = {k: v for k, v in layers.items() if k.startswith('block')}  # as in ..._kernels_notop.h5
+  with pytest.raises(weights.ConversionError, match=r'missing Keras layers: fc1, fc2, predictions \(a _no'):
+    weights.keras_to_variables(notop, 'vgg16')
 
 
 def test_keras_vgg19_logits_equal_keras(crops, tmp_path):

@@ -233,7 +233,8 @@ def keras_to_variables(layers: Mapping[str, list], name: str, *, num_classes: in
     problems.append(f'{name} has batch norm; Keras applications VGGs have none (use {name[:-3]})')
   missing = [k for k in want if k not in layers]
   if missing:
-    problems.append(f'missing Keras layers: {", ".join(missing)}')
+    hint = ' (a _notop / include_top=False file: no classifier)' if set(KERAS_FC) <= set(missing) else ''
+    problems.append(f'missing Keras layers: {", ".join(missing)}{hint}')
   unexpected = sorted(set(layers) - set(want))
   if unexpected:
     problems.append(f'unexpected Keras layers: {", ".join(unexpected)}')
