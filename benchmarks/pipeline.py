@@ -56,7 +56,8 @@ def pin_to_one_core() -> int:
 # Photos.
 
 
-def make_photos(sources, out_dir: pathlib.Path, per_photo: int = 4, max_photos: int = 40) -> list[pathlib.Path]:
+def make_photos(sources, out_dir: pathlib.Path, per_photo: int = 4,
+                max_photos: int = 40) -> list[pathlib.Path]:
   """ImageNet-like JPEGs (500x375 or 375x500, quality 90) cut from the largest version of each photo."""
   import numpy as np
   from PIL import Image
@@ -104,6 +105,7 @@ def make_photos(sources, out_dir: pathlib.Path, per_photo: int = 4, max_photos: 
 
 def run_vggjax(datas, smin, smax) -> float:
   import cv2
+
   from vggjax.data import transforms
   cv2.setNumThreads(1)
   t = time.perf_counter()
@@ -118,11 +120,13 @@ def run_vggjax_pipeline(paths, smin, smax) -> float:
   """The whole pipeline: folder source (files from disk), Grain, batches of 32, main process, 1 thread."""
   import cv2
   import ml_collections
+
   from vggjax.data import pipeline, sources
   cv2.setNumThreads(1)
   root = paths[0].parent.parent.parent
   cfg = ml_collections.ConfigDict(dict(source='folder', data_dir=str(root), train_split='train',
-                                       eval_split='validation', image_size=CROP, scale_min=smin, scale_max=smax,
+                                       eval_split='validation', image_size=CROP, scale_min=smin,
+                                       scale_max=smax,
                                        flip=True, num_workers=0, prefetch=1, num_threads=1))
   src = sources.FolderSource(root, 'train')
   batch = 32
@@ -139,7 +143,8 @@ def run_vggjax_pipeline(paths, smin, smax) -> float:
 
 def _torchvision_functional():
   try:
-    sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))
+    name = 'torchvision._meta_registrations'
+    sys.modules.setdefault(name, types.ModuleType(name))
     import torch
     torch.set_num_threads(1)
     import torchvision.transforms.functional as F
@@ -221,8 +226,8 @@ def _tf_version(python: str | None) -> str | None:
   except ImportError:
     pass
   if python:
-    proc = subprocess.run([python, '-c', 'import tensorflow as tf; print(tf.__version__)'], capture_output=True,
-                          text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+    proc = subprocess.run([python, '-c', 'import tensorflow as tf; print(tf.__version__)'],
+                          capture_output=True, text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
     return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
   return None
 
@@ -298,8 +303,8 @@ def main():
   print()
   print(f'{len(datas)} JPEGs ({", ".join(f"{w}x{h}" for w, h in meta["example_sizes"])}...), one core, '
         f'median of {args.rounds} rounds, images/s per core:')
-  print(f'| scale | vggjax transform | vggjax pipeline (Grain, folder) | torchvision-style PIL | tf.data '
-        f'| vggjax / PIL | vggjax / tf.data |')
+  print('| scale | vggjax transform | vggjax pipeline (Grain, folder) | torchvision-style PIL | tf.data '
+        '| vggjax / PIL | vggjax / tf.data |')
   print('|---|---|---|---|---|---|---|')
   for label, r in results.items():
     fmt = lambda k: f'{r[k]:.0f}' if k in r else 'n/a'  # noqa: E731

@@ -47,7 +47,8 @@ def test_digits_split_is_fixed_and_stratified():
   assert sorted(np.concatenate([train.labels, val.labels]).tolist()) == sorted(load_digits().target.tolist())
   assert sources.digits_source('test').labels.tolist() == val.labels.tolist()
   item = train[0]
-  assert item['image'].shape == (8, 8, 3) and item['image'].dtype == np.uint8 and (item['image'][..., 0] == item['image'][..., 2]).all()
+  assert item['image'].shape == (8, 8, 3) and item['image'].dtype == np.uint8
+  assert (item['image'][..., 0] == item['image'][..., 2]).all()
   assert train.images.max() == 255
   assert len(sources.digits_source('train[:100]')) == 100 and len(sources.digits_source('train[90%:]')) == 150
 
@@ -125,7 +126,8 @@ def test_global_batch_is_identical_for_any_process_count(process_count):
       np.testing.assert_array_equal(np.concatenate([parts[p][t][key] for p in range(process_count)]),
                                     whole[t][key])
   # A state saved by process 0 of P resumes a single-process run at the same global batch.
-  it = pipeline.train_iterator(cfg, global_batch_size=64, seed=9, process_index=0, process_count=process_count)
+  it = pipeline.train_iterator(cfg, global_batch_size=64, seed=9, process_index=0,
+                               process_count=process_count)
   take(it, 2)
   single = pipeline.train_iterator(cfg, global_batch_size=64, seed=9)
   single.set_state(it.get_state())

@@ -62,7 +62,8 @@ def photo_folder(tmp_path_factory, request):
         image = np.repeat(image.mean(-1).astype(np.uint8)[..., None], 3, -1)
       elif k % 5 == 4:
         path = d / f'{k:02d}.png'
-        Image.fromarray(np.concatenate([image, np.full(image.shape[:2] + (1,), 200, np.uint8)], -1)).save(path)
+        alpha = np.full(image.shape[:2] + (1,), 200, np.uint8)
+        Image.fromarray(np.concatenate([image, alpha], -1)).save(path)
       else:
         path = d / f'{k:02d}.jpg'
         Image.fromarray(image).save(path, quality=95)
@@ -147,7 +148,9 @@ def idx_dir(tmp_path_factory):
   """MNIST-format IDX files made from scikit-learn's real digits, upsampled to 28x28."""
   d = tmp_path_factory.mktemp('idx')
   train, test = sources.digits_source('train'), sources.digits_source('validation')
-  up = lambda s: np.stack([transforms.rescale(im[..., None].repeat(3, -1), 28)[..., 0] for im in s.images])  # noqa: E731
+  def up(s):
+    return np.stack([transforms.rescale(im[..., None].repeat(3, -1), 28)[..., 0] for im in s.images])
+
   _write_idx(d / 'train-images-idx3-ubyte.gz', up(train))
   _write_idx(d / 'train-labels-idx1-ubyte.gz', train.labels)
   _write_idx(d / 't10k-images-idx3-ubyte', up(test))
@@ -164,8 +167,8 @@ def test_idx_sources(idx_dir):
   assert src[5]['image'].shape == (28, 28, 3)
   info = pipeline.dataset_info(cfg(source='fashion_mnist', data_dir=str(d)))
   assert (info.num_train, info.num_eval) == (1497, 300) and info.class_names[9] == 'Ankle boot'
-  it = pipeline.train_iterator(cfg(source='mnist', data_dir=str(d), image_size=28, scale_min=28, scale_max=32),
-                               global_batch_size=64, seed=0)
+  it = pipeline.train_iterator(cfg(source='mnist', data_dir=str(d), image_size=28, scale_min=28,
+                                   scale_max=32), global_batch_size=64, seed=0)
   assert next(it)['image'].shape == (64, 28, 28, 3)
 
 
@@ -340,7 +343,8 @@ def test_convert_tfrecord_to_array_record_without_tensorflow(tfds_photos, tmp_pa
 
 
 def test_convert_a_tfrecord_dataset_written_by_tfds(tmp_path, real_photos):
-  pytest.importorskip('tensorflow', reason='TFDS writes tfrecord only with TensorFlow (the optional tf extra)')
+  pytest.importorskip('tensorflow',
+                      reason='TFDS writes tfrecord only with TensorFlow (the optional tf extra)')
   import tensorflow_datasets as tfds
 
   class VggjaxTfrecordPhotos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -348,7 +352,8 @@ def test_convert_a_tfrecord_dataset_written_by_tfds(tmp_path, real_photos):
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Image(shape=(None, None, 3)), 'label': tfds.features.ClassLabel(num_classes=2)}))
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'label': tfds.features.ClassLabel(num_classes=2)}))
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples()}
@@ -391,9 +396,9 @@ def test_stats_match_the_eigendecomposition_and_the_command_runs(photo_folder, t
   np.testing.assert_allclose(np.abs(np.asarray(stats['eigvec'])), np.abs(eigvec), atol=1e-6)
 
   out = tmp_path / 'stats.json'
-  proc = subprocess.run([sys.executable, '-m', 'vggjax.data.prepare', 'stats', f'--config={REPO}/configs/demo.py',
-                         '--num_images=300', f'--output={out}'], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run([sys.executable, '-m', 'vggjax.data.prepare', 'stats',
+                         f'--config={REPO}/configs/demo.py', '--num_images=300', f'--output={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   written = json.loads(out.read_text())
   assert written['num_images'] == 300 and '--config.data.mean_rgb=' in proc.stdout

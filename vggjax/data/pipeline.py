@@ -1,4 +1,4 @@
-"""The input pipeline: deterministic, per-process, resumable batches of uint8 crops (DESIGN.md decisions 4, 5).
+"""The input pipeline: deterministic, per-process, resumable batches of uint8 crops (DESIGN.md 4 and 5).
 
     info = pipeline.dataset_info(data_cfg)
     it = pipeline.train_iterator(data_cfg, global_batch_size=256, seed=0, process_index=p, process_count=P)
@@ -98,8 +98,8 @@ class _BatchFn:
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f'need 0 <= process_index < process_count, got {process_index} and {process_count}')
     if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f'the global batch size {global_batch_size} must be a positive multiple of the process '
-                       f'count {process_count}')
+      raise ValueError(f'the global batch size {global_batch_size} must be a positive multiple of the '
+                       f'process count {process_count}')
     self.source = source
     self.n = len(source)
     self.global_batch_size = global_batch_size

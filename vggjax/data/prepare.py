@@ -132,7 +132,8 @@ def _dataset_version_dirs(root: pathlib.Path, name: str) -> list[pathlib.Path]:
   base = root / name.split(':')[0]
   if (base / 'dataset_info.json').exists():  # name already includes the config/version
     return [base]
-  return sorted(p.parent for p in list(base.glob('*/dataset_info.json')) + list(base.glob('*/*/dataset_info.json')))
+  infos = list(base.glob('*/dataset_info.json')) + list(base.glob('*/*/dataset_info.json'))
+  return sorted(p.parent for p in infos)
 
 
 def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None) -> list[pathlib.Path]:
@@ -146,7 +147,8 @@ def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None
   if not version_dirs:
     raise FileNotFoundError(f'no prepared TFDS dataset under {root / name} (looked for '
                             f'{root / name}/[CONFIG/]VERSION/dataset_info.json); prepare it with '
-                            f'`tfds build {name} --data_dir={root} --file_format=array_record` (needs the tf extra)')
+                            f'`tfds build {name} --data_dir={root} --file_format=array_record` '
+                            f'(needs the tf extra)')
   converted = []
   for vdir in version_dirs:
     info_path = vdir / 'dataset_info.json'
@@ -199,7 +201,8 @@ def main(argv=None) -> None:
   output = flags.DEFINE_string('output', '', 'stats: also write the JSON here')
   name = flags.DEFINE_string('name', '', 'convert: the TFDS dataset name (e.g. imagenet2012)')
   data_dir = flags.DEFINE_string('data_dir', '', 'convert: the TFDS data_dir')
-  out_dir = flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in place)')
+  out_dir = flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in '
+                                'place)')
 
   def run(args):
     if len(args) != 2 or args[1] not in ('stats', 'convert'):

@@ -249,9 +249,11 @@ class FolderSource(Source):
     name = _ALIASES.get(name, name)
     split_dir = self._split_dir(name)
     train_dir = self._split_dir('train')
-    self.class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    self.class_names = sorted(p.name for p in train_dir.iterdir()
+                              if p.is_dir() and not p.name.startswith('.'))
     if not self.class_names:
-      raise FileNotFoundError(f'{train_dir} has no class subdirectories (expected {train_dir}/<class>/<images>)')
+      raise FileNotFoundError(f'{train_dir} has no class subdirectories (expected '
+                              f'{train_dir}/<class>/<images>)')
     class_index = {c: i for i, c in enumerate(self.class_names)}
     extensions = _image_extensions()
     paths, labels = [], []
@@ -279,7 +281,8 @@ class FolderSource(Source):
     for c in candidates:
       if (self.root / c).is_dir():
         return self.root / c
-    raise FileNotFoundError(f'image folder {str(self.root)!r} has no split directory for {name!r} (looked for '
+    raise FileNotFoundError(f'image folder {str(self.root)!r} has no split directory for {name!r} (looked '
+                            f'for '
                             f'{", ".join(str(self.root / c) for c in candidates)}); expected '
                             f'ROOT/train/<class>/<images> and ROOT/val/<class>/<images>')
 
@@ -317,7 +320,8 @@ def _tfds_missing_message(name: str, data_dir: str, builder, error: BaseExceptio
     return (f'TFDS dataset {name!r} in {looked} is prepared as tfrecord, which random access (and so this '
             f'pipeline) cannot read. Convert it to array_record:\n'
             f'  python -m vggjax.data.prepare convert --name={name} --data_dir={where}')
-  return f'TFDS dataset {name!r} not found in {looked} ({type(error).__name__}: {str(error)[:300]}).\n{prepare}'
+  return (f'TFDS dataset {name!r} not found in {looked} ({type(error).__name__}: {str(error)[:300]}).\n'
+          f'{prepare}')
 
 
 class TfdsSource(Source):
@@ -337,7 +341,8 @@ class TfdsSource(Source):
     builder = None
     try:
       builder = tfds.builder(self.tfds_name, data_dir=self.data_dir or None)
-      raw = builder.as_data_source(split=self.split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+      raw = builder.as_data_source(split=self.split,
+                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     except Exception as e:  # noqa: BLE001 - TFDS raises many types for a missing dataset
       raise FileNotFoundError(_tfds_missing_message(self.tfds_name, self.data_dir, builder, e)) from e
     features = builder.info.features

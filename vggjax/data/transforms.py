@@ -9,10 +9,10 @@ Semantics, exactly:
   ``floor(L * s / min(H, W) + 0.5)``. Interpolation: OpenCV bilinear (``INTER_LINEAR``, as Caffe's
   ``cv::resize``) when enlarging or shrinking by less than 2x; OpenCV ``INTER_AREA`` (pixel-area averaging, no
   aliasing) when shrinking by 2x or more.
-* ``train_transform``: S ~ U{scale_min..scale_max} (integers, both ends included; fixed when equal), rescale to
-  S, a crop of ``image_size`` whose top-left corner is uniform over all valid positions, then a horizontal flip
-  with probability 1/2. The draws, in this order, come from the generator passed in, which the pipeline
-  derives from (seed, epoch, index) with ``example_rng``.
+* ``train_transform``: S ~ U{scale_min..scale_max} (integers, both ends included; fixed when equal),
+  rescale to S, a crop of ``image_size`` whose top-left corner is uniform over all valid positions, then a
+  horizontal flip with probability 1/2. The draws, in this order, come from the generator passed in, which
+  the pipeline derives from (seed, epoch, index) with ``example_rng``.
 * ``eval_transform``: rescale to Q, the central ``image_size`` crop (offsets ``(H - size) // 2``).
 
 Fast decoding. ``decode`` reads JPEG with simplejpeg (libjpeg-turbo) and everything else, or what simplejpeg
@@ -256,8 +256,9 @@ def train_transform(image: ImageOrBytes, rng: RngOrSeed, *, image_size: int = 22
                                                    dct_scaling=dct_scaling))
 
 
-def train_transform_view(image: ImageOrBytes, rng: RngOrSeed, *, image_size: int = 224, scale_min: int = 256,
-                         scale_max: int = 256, random_flip: bool = True, dct_scaling: bool = True) -> np.ndarray:
+def train_transform_view(image: ImageOrBytes, rng: RngOrSeed, *, image_size: int = 224,
+                         scale_min: int = 256, scale_max: int = 256, random_flip: bool = True,
+                         dct_scaling: bool = True) -> np.ndarray:
   """``train_transform`` as a (possibly non-contiguous) view, for copying straight into a batch."""
   h0, w0 = dimensions(image)
   s, top, left, flipped = train_params(h0, w0, rng, image_size=image_size, scale_min=scale_min,
