@@ -172,10 +172,10 @@ def test_torchvision_bn_model_via_the_cli(crops, tmp_path):
         m.running_var.uniform_(0.5, 2.0)
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
-  torch.save(net.state_dict(), tmp_path / 'vgg11_bn-8a719358.pth')
+  torch.save(net.state_dict(), tmp_path / 'vgg11_bn.pth')
   out = tmp_path / 'vgg11_bn'
   result = subprocess.run(
-      [sys.executable, '-m', 'vggjax.convert', f'--src={tmp_path / "vgg11_bn-8a719358.pth"}', f'--out={out}'],
+      [sys.executable, '-m', 'vggjax.convert', f'--src={tmp_path / "vgg11_bn.pth"}', f'--out={out}'],
       env=subprocess_env(1), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'vgg11_bn (132,868,840 parameters, 1000 classes) from torchvision' in result.stdout
