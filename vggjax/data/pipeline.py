@@ -318,9 +318,13 @@ class EvalIterator:
 
   def __iter__(self) -> Iterator[dict]:
     self.close()
-    self._it = _grain_iterator(self._fn, 0, self._fn.num_batches, **self._opts)
+    # An unbounded range, stopped after num_batches and closed (steps past the end are all padding):
+    # Grain's worker processes leave shared-memory buffers behind when a finite dataset runs out.
+    self._it = _grain_iterator(self._fn, 0, 2**62 if self._opts['num_workers'] else self._fn.num_batches,
+                               **self._opts)
     try:
-      for batch in self._it:
+      for _ in range(self._fn.num_batches):
+        batch = next(self._it)
         _report_bad(batch.pop('_bad'), self.bad_records)
         yield batch
     finally:
