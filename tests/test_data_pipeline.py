@@ -77,7 +77,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
 
 def test_worker_processes_give_the_same_batches_and_resume_exactly():
   """0 workers vs 2 worker processes: identical batches; a resumed iterator with workers continues exactly
-  (across an epoch boundary: 1497 // 256 = 5 steps per epoch)."""
+  (across an epoch boundary: 1497 // 256 = 5 steps per epoch); evaluation batches too."""
   cfg = digits_cfg()
   reference = take(pipeline.train_iterator(cfg, global_batch_size=256, seed=5), 9)
   it = pipeline.train_iterator(digits_cfg(num_workers=2), global_batch_size=256, seed=5)
@@ -94,6 +94,11 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly():
     assert resumed.get_state()['step'] == 9 and resumed.epoch == 1
   finally:
     resumed.close()
+  evals = [list(pipeline.eval_iterator(digits_cfg(num_workers=w), global_batch_size=128)) for w in (0, 2)]
+  assert len(evals[0]) == len(evals[1]) == 3
+  for a, b in zip(*evals):
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_resume_in_the_main_process_mid_epoch_and_state_checks():
