@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.color_shift = 0.1           # std of AlexNet's PCA lighting alpha (0 disables)
   c.data.mean_rgb = IMAGENET_MEAN_RGB  # subtracted on the device (0-255 scale)
   c.data.std_rgb = (1.0, 1.0, 1.0)
+  c.data.color_order = 'RGB'         # the network's input channel order (BGR for Keras/Caffe weights)
   c.data.num_workers = 8             # Grain worker processes per host (0: in the main process)
   c.data.prefetch = 2                # batches buffered per worker
 

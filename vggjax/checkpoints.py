@@ -60,7 +60,8 @@ def meta_from_config(config: Mapping) -> dict:
   return {
       'model': {'name': m['name'], 'num_classes': m['num_classes'], 'image_size': d['image_size'],
                 'width': m.get('width', 1.0), 'fc_features': m.get('fc_features', 0) or None},
-      'normalization': Normalization(mean=tuple(d['mean_rgb']), std=tuple(d['std_rgb'])).to_dict(),
+      'normalization': Normalization.from_rgb(d['mean_rgb'], d['std_rgb'],
+                                              d.get('color_order', 'RGB')).to_dict(),
       'source': 'vggjax training run',
       'labels': config.get('labels'),
       'data': {'scale_min': d['scale_min'], 'scale_max': d['scale_max']},

@@ -60,6 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(len(d.mean_rgb) == 3, 'data.mean_rgb', d.mean_rgb, 'three values (R, G, B)')
   _check(len(d.std_rgb) == 3 and all(s > 0 for s in d.std_rgb), 'data.std_rgb', d.std_rgb,
          'three positive values')
+  _choice(config, 'data.color_order', ('RGB', 'BGR'))
   _check(d.num_workers >= 0, 'data.num_workers', d.num_workers, '0 or more worker processes')
   _check(t.global_batch_size > 0, 'train.global_batch_size', t.global_batch_size, 'a positive batch size')
   _check(t.num_epochs > 0 or t.max_steps > 0, 'train.num_epochs', t.num_epochs,

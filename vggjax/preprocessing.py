@@ -43,6 +43,19 @@ class Normalization:
     if any(s <= 0 for s in self.std):
       raise ValueError(f'std must be positive, got {self.std}')
 
+  @classmethod
+  def from_rgb(cls, mean_rgb, std_rgb=(1.0, 1.0, 1.0), color_order: str = 'RGB') -> 'Normalization':
+    """From a mean and std given in R, G, B order (as configs give them), for a network fed `color_order`."""
+    if color_order == 'BGR':
+      mean_rgb, std_rgb = tuple(mean_rgb)[::-1], tuple(std_rgb)[::-1]
+    return cls(mean=tuple(mean_rgb), std=tuple(std_rgb), color_order=color_order)
+
+  def equivalent(self, other: 'Normalization', rtol: float = 1e-3) -> bool:
+    """The same input function up to rounding: compares mean and std on the 0-255 scale."""
+    return (self.color_order == other.color_order and
+            np.allclose(np.divide(self.mean, self.scale), np.divide(other.mean, other.scale), rtol=rtol) and
+            np.allclose(np.divide(self.std, self.scale), np.divide(other.std, other.scale), rtol=rtol))
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 

@@ -73,7 +73,8 @@ def build_model(config: ml_collections.ConfigDict, **overrides) -> models.VGG:
 
 
 def normalization(config: ml_collections.ConfigDict) -> Normalization:
-  return Normalization(mean=tuple(config.data.mean_rgb), std=tuple(config.data.std_rgb))
+  d = config.data
+  return Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.get('color_order', 'RGB'))
 
 
 def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -188,10 +189,15 @@ def evaluate(eval_step: Callable, variables: dict, batches, mesh) -> dict:
           'val_loss': float(total['loss']) / n, 'val_count': int(n)}
 
 
-def warm_start(state: TrainState, source: str, layers, mesh) -> TrainState:
+def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization | None = None) -> TrainState:
   """Copies the named layers from another run's (or a weights directory's) parameters; the rest stay fresh.
   The paper's default: conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of net A into B-E."""
   src, meta = checkpoints.load_weights(source)
+  src_norm = checkpoints.normalization_from_meta(meta)
+  if norm is not None and not src_norm.equivalent(norm):
+    log.warning('warm start: %s was trained on inputs normalised as %s, this run feeds %s; set '
+                'config.data.mean_rgb/std_rgb/color_order to match unless that is intended', source,
+                src_norm, norm)
   params = flax.core.unfreeze(jax.device_get(state.params))
   stats = flax.core.unfreeze(jax.device_get(state.batch_stats)) if state.batch_stats else {}
   for layer in layers:
@@ -355,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     start = 0
     state = create_train_state(model, tx, mesh, config.seed)
     if config.init_from:
-      state = warm_start(state, config.init_from, config.init_layers, mesh)
+      state = warm_start(state, config.init_from, config.init_layers, mesh, norm)
   if is_main:
     config_lib.write(config, workdir, {'labels': info.class_names,
                                        'dataset': {'num_train': info.num_train, 'num_eval': info.num_eval}})
