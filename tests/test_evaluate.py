@@ -134,6 +134,10 @@ def test_padded_dense_equals_the_unpadded_image_and_its_flip():
   fn = jax.jit(lambda v, x, hw: ev.dense_posteriors(model, v, x, hw, NORM))
   got = np.asarray(fn(variables, images, np.asarray(sizes, np.int32)))
   np.testing.assert_allclose(got, np.stack(expect), rtol=1e-5, atol=1e-6)
+  # Without the flips: the image alone.
+  fn = jax.jit(lambda v, x, hw: ev.dense_posteriors(model, v, x, hw, NORM, flip=False))
+  got = np.asarray(fn(variables, images, np.asarray(sizes, np.int32)))
+  np.testing.assert_allclose(got[0], apply(variables, images[:1, :sizes[0][0], :sizes[0][1]]), rtol=1e-5, atol=1e-6)
 
 
 def test_multicrop_grid_coordinates_and_flips():
@@ -149,12 +153,12 @@ def test_multicrop_grid_coordinates_and_flips():
   hw = np.asarray(sizes, np.int32)
   crops = np.asarray(ev.extract_crops(images, hw, 32, 5))
   centre = np.asarray(ev.extract_crops(images, hw, 32, 1))
-  assert crops.shape == (25, 3, 32, 32, 3) and centre.shape == (1, 3, 32, 32, 3)
+  assert crops.shape == (3, 25, 32, 32, 3) and centre.shape == (3, 1, 32, 32, 3)
   host = []
   for b, (h, w) in enumerate(sizes):
     cut = [images[b, t:t + 32, l:l + 32] for t, l in ev.grid_offsets(h, w, 32)]
-    np.testing.assert_array_equal(crops[:, b], np.stack(cut))
-    np.testing.assert_array_equal(centre[0, b], transforms.center_crop(images[b, :h, :w], 32))
+    np.testing.assert_array_equal(crops[b], np.stack(cut))
+    np.testing.assert_array_equal(centre[b, 0], transforms.center_crop(images[b, :h, :w], 32))
     host.append(cut + [c[:, ::-1] for c in cut])  # 50 crops: the grid and the mirror of each crop
   apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, normalize(x, NORM))))
   expect = apply(variables, np.concatenate(host)).reshape(3, 50, -1).mean(1)
@@ -385,6 +389,7 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
   assert [m['test_scales'] for m in result['models']] == [[32, 36, 40], [32, 64]]
   assert [m['train_scale'] for m in result['models']] == ['[32;40]', '32']
   assert result['num_images'] == 20 and result['split'] == 'validation[:20]'
+  assert result['flip'] is False  # the demo config trains digits without flips: none at test time either
   r = result['results']
   assert set(r) == {'A', 'B', 'fusion'}
   assert set(r['A']['dense']) == {'32', '36', '40', '32,36,40'} and set(r['B']['multicrop']) == {'32', '64', '32,64'}

@@ -23,6 +23,10 @@ the averaged posteriors.
 * fusion: with several checkpoints, every protocol is reported per model and for the average of the models'
   posteriors (each model at its own scales).
 
+The flips are the paper's test-set augmentation; ``flip=False`` (``--flip=false``; the command's default
+follows the config's data.flip) leaves them out for data trained without flips whose classes are not
+mirror-symmetric (digits, text): dense is then the image alone, multi-crop the 25 grid crops.
+
 Exactness on images of any aspect ratio. Dense evaluation needs the whole image, so images of different
 shapes cannot share a batch as they are. Each rescaled image (smaller side exactly Q, the other side L as
 ``vggjax.data.transforms.rescaled_size`` gives it) is placed at the top-left of a bucket shape: the smaller
@@ -54,6 +58,7 @@ Tables 3-5 on stdout. The host decodes and rescales in threads; the device does 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -234,8 +239,11 @@ def flip_valid(images: jax.Array, widths: jax.Array) -> jax.Array:
 
 
 def dense_posteriors(model: models.VGG, variables: Any, images: jax.Array, hw: jax.Array,
-                     norm: Normalization = Normalization()) -> jax.Array:
-  """The dense protocol on padded uint8 images: mean of the softmax of the image and of its flip."""
+                     norm: Normalization = Normalization(), flip: bool = True) -> jax.Array:
+  """The dense protocol on padded uint8 images: the softmax of the averaged class score map, averaged
+  with that of the horizontally flipped image (if flip)."""
+  if not flip:
+    return jax.nn.softmax(dense_logits(model, variables, normalize(images, norm), hw))
   both = jnp.stack([images, flip_valid(images, hw[:, 1])])
   probs = jax.lax.map(lambda im: jax.nn.softmax(dense_logits(model, variables, normalize(im, norm), hw)),
                       both)
@@ -254,28 +262,32 @@ def crop_offsets(hw: jax.Array, size: int, n: int) -> tuple[jax.Array, jax.Array
 
 
 def extract_crops(images: jax.Array, hw: jax.Array, size: int, n: int) -> jax.Array:
-  """(n*n, B, size, size, 3): the grid crops (n = GRID) or the central crop (n = 1) of each image."""
+  """(B, n*n, size, size, 3): the grid crops (n = GRID, row-major) or the central crop (n = 1) of each
+  image's valid region."""
   tops, lefts = crop_offsets(hw.astype(jnp.int32), size, n)
 
   def one(image, t, l):
     return jax.lax.dynamic_slice(image, (t, l, 0), (size, size, image.shape[-1]))
 
-  crops = jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)))(images, tops, lefts)  # (B, K, size, size, 3)
-  return jnp.swapaxes(crops, 0, 1)
+  return jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)))(images, tops, lefts)
 
 
 def crop_posteriors(model: models.VGG, variables: Any, crops: jax.Array, flips: bool,
-                    norm: Normalization = Normalization()) -> jax.Array:
-  """Mean softmax over crops (K, B, size, size, 3) (and their mirror images if flips): (B, classes)."""
+                    norm: Normalization = Normalization(), per_step: int = 5) -> jax.Array:
+  """Mean softmax over each image's crops (B, K, size, size, 3) and, if flips, their mirror images:
+  (B, classes). The network runs on `per_step` crop positions (x 2 with flips) of every image at a time."""
+  b, k = crops.shape[:2]
+  g = math.gcd(k, per_step)
+  groups = jnp.swapaxes(crops.reshape(b, k // g, g, *crops.shape[2:]), 0, 1)  # (K/g, B, g, ...): B stays major
 
-  def one(c):
-    x = normalize(c, norm)
-    if flips:
-      x = jnp.concatenate([x, x[:, :, ::-1]])
+  def step(c):  # c: (B, g, size, size, 3)
+    if flips:  # each crop next to its mirror image: the batch axis stays major (no resharding)
+      c = jnp.stack([c, c[:, :, :, ::-1]], axis=2)
+    x = normalize(c.reshape(-1, *c.shape[-3:]), norm)
     p = jax.nn.softmax(model.apply(variables, x, train=False))
-    return p.reshape(2, -1, p.shape[-1]).sum(0) if flips else p
+    return p.reshape(b, -1, p.shape[-1]).sum(axis=1)
 
-  return jnp.sum(jax.lax.map(one, crops), axis=0) / (crops.shape[0] * (2 if flips else 1))
+  return jnp.sum(jax.lax.map(step, groups), axis=0) / (k * (2 if flips else 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,14 +476,29 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 # The evaluation.
 
 
-class _Compiled:
-  """Ahead-of-time compiled functions keyed by (kind, model, shape); counts shapes and compile time."""
+class _Functions:
+  """The jitted functions of every model, compiled ahead of time per input shape, with the device time per
+  (model, protocol, scale) and the shapes compiled per scale."""
 
-  def __init__(self):
+  def __init__(self, eval_models: Sequence[EvalModel], mesh, crops_per_step: int = 5, flip: bool = True):
+    rep, data = parallel.replicated(mesh), NamedSharding(mesh, P(parallel.DATA_AXIS))
+    self.models = eval_models
+    self.variables = [jax.device_put(m.variables, rep) for m in eval_models]
+    self.dense = [jax.jit(functools.partial(dense_posteriors, m.model, norm=m.norm, flip=flip),
+                          out_shardings=data) for m in eval_models]
+    self.crop_net = {(i, flips): jax.jit(functools.partial(crop_posteriors, m.model, flips=flips, norm=m.norm,
+                                                           per_step=crops_per_step), out_shardings=data)
+                     for i, m in enumerate(eval_models) for flips in (False, True)}
+    self.crops = {(size, n): jax.jit(functools.partial(extract_crops, size=size, n=n), out_shardings=data)
+                  for size in {m.model.image_size for m in eval_models} for n in (1, GRID)}
+    self.flip = flip
     self.cache: dict[tuple, Any] = {}
     self.compile_s = 0.0
+    self.seconds: dict[tuple, float] = collections.defaultdict(float)  # (model, protocol, q) -> device s
+    self.shapes: dict[int, dict[str, set]] = collections.defaultdict(
+        lambda: {'dense': set(), 'crop_extract': set(), 'crop_net': set()})
 
-  def __call__(self, key: tuple, fn: Callable, *args):
+  def _call(self, key: tuple, fn, *args):
     compiled = self.cache.get(key)
     if compiled is None:
       t0 = time.perf_counter()
@@ -480,20 +507,127 @@ class _Compiled:
       self.cache[key] = compiled
     return compiled(*args)
 
+  def run(self, q: int, shape: tuple[int, int], images: jax.Array, hw: jax.Array, model_indices: Sequence[int],
+          protocols: Sequence[str]) -> dict[tuple[int, str], np.ndarray]:
+    """Posteriors (this process's rows) of one batch for each (model, base protocol)."""
+    out, crops = {}, {}
+    used = self.shapes[q]
+    for i in model_indices:
+      size = self.models[i].model.image_size
+      for p in protocols:
+        t0, c0 = time.perf_counter(), self.compile_s
+        if p == 'dense':
+          used['dense'].add(shape)
+          y = self._call(('dense', i, shape), self.dense[i], self.variables[i], images, hw)
+        else:
+          n = GRID if p == 'multicrop' else 1
+          if (size, n) not in crops:  # shared by the models of one training size
+            used['crop_extract'].add((n, shape))
+            crops[(size, n)] = self._call(('crops', size, n, shape), self.crops[(size, n)], images, hw)
+          used['crop_net'].add(p)
+          y = self._call(('crop_net', i, p), self.crop_net[(i, p == 'multicrop' and self.flip)],
+                         self.variables[i], crops[(size, n)])
+        out[(i, p)] = _local_rows(y)  # waits for the device
+        self.seconds[(i, p, q)] += time.perf_counter() - t0 - (self.compile_s - c0)
+    return out
+
+  def device_seconds(self, i: int, scales: Iterable[int], reported: Sequence[str]) -> dict[str, float]:
+    t = {p: sum(self.seconds[(i, p, q)] for q in scales) for p in BASE_PROTOCOLS}
+    t['dense+multicrop'] = t['dense'] + t['multicrop']
+    return {p: t[p] for p in reported}
+
+
+class _Tally:
+  """Result rows: per model (or 'fusion'), protocol and scale set, the hits among this process's images."""
+
+  def __init__(self, labels: np.ndarray, num_classes: int, reported: Sequence[str], keep: bool):
+    self.labels, self.k5, self.reported = labels, min(5, num_classes), reported
+    self.rows: list[dict] = []
+    self.kept: dict[tuple[str, str, str], np.ndarray] | None = {} if keep else None
+
+  def add(self, label: str, posteriors: Mapping[str, np.ndarray], valid: np.ndarray, scales: Sequence[int],
+          seconds: Mapping[str, float]) -> None:
+    posteriors = dict(posteriors)
+    if 'dense+multicrop' in self.reported:
+      posteriors['dense+multicrop'] = 0.5 * (posteriors['dense'] + posteriors['multicrop'])
+    idx = np.flatnonzero(valid)
+    for p in self.reported:
+      post, y = posteriors[p][idx], self.labels[idx]
+      self.rows.append({'model': label, 'protocol': p, 'scales': tuple(scales), 'count': len(idx),
+                        'top1': int(topk_hits(post, y, 1).sum()), 'top5': int(topk_hits(post, y, self.k5).sum()),
+                        'seconds': seconds.get(p, 0.0)})
+      if self.kept is not None:
+        self.kept[(label, p, _scale_key(scales))] = posteriors[p].copy()
+
+  def results(self) -> dict:
+    """{model: {protocol: {scale key: {top1_err, top5_err, num_images, img_per_s}}}}, summed over processes."""
+    local = np.asarray([[r['top1'], r['top5'], r['count']] for r in self.rows], np.int64).reshape(-1, 3)
+    total = _allgather(local).sum(axis=0)
+    results: dict[str, dict] = {}
+    for r, (top1, top5, count) in zip(self.rows, total):
+      entry = {'top1_err': 1.0 - top1 / count if count else float('nan'),
+               'top5_err': 1.0 - top5 / count if count else float('nan'), 'num_images': int(count)}
+      if r['seconds'] > 0:
+        entry['img_per_s'] = count / r['seconds']
+      results.setdefault(r['model'], {}).setdefault(r['protocol'], {})[_scale_key(r['scales'])] = entry
+    return results
+
 
 def _scale_key(scales: Iterable[int]) -> str:
   return ','.join(str(q) for q in scales)
 
 
+def _read_split(reader: _Reader, lo: int, hi: int, num_threads: int):
+  """Dimensions and labels of records lo..hi-1 (header reads in threads); unreadable ones are left out."""
+  dims = np.zeros((hi - lo, 2), np.int64)
+  labels = np.full((hi - lo,), -1, np.int64)
+  readable = np.zeros((hi - lo,), bool)
+  unreadable = []
+
+  def read(pos):
+    try:
+      return pos, reader.dims(lo + pos), None
+    except Exception as e:  # noqa: BLE001 - a bad record must not end the evaluation
+      return pos, None, f'{type(e).__name__}: {e}'[:300]
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for pos, d, err in pool.map(read, range(hi - lo)):
+      if d is None:
+        unreadable.append(reader.describe(lo + pos))
+        log.warning('skipping unreadable record %s: %s', reader.describe(lo + pos), err)
+      else:
+        dims[pos], labels[pos], readable[pos] = d[:2], d[2], True
+  return dims, labels, readable, unreadable
+
+
+def _prefetched(pool, fn, items: Sequence, depth: int):
+  """Yields (item, fn(item)) in order, with up to `depth` calls running ahead in the pool."""
+  pending = collections.deque()
+  for k, item in enumerate(items):
+    while len(pending) <= depth and k + len(pending) < len(items):
+      nxt = items[k + len(pending)]
+      pending.append((nxt, pool.submit(fn, nxt)))
+    done, future = pending.popleft()
+    yield done, future.result()
+
+
 def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[str] = PROTOCOLS,
              batch_size: int = 0, mesh=None, num_threads: int = 0,
              aspect_buckets: Sequence[float] = ASPECT_BUCKETS, dct_scaling: bool = True,
-             progress: bool = True, return_posteriors: bool = False) -> dict:
-  """Evaluates one or several models on every image of `source` (len(source); source.record(i) ->
-  (uint8 image or encoded bytes, label), or source[i] -> {'image', 'label'}) with the requested protocols,
-  at each model's scales and over all of them, per model and fused. Returns the eval.json content; with
-  return_posteriors, also '_posteriors' {(model label, protocol, scale key): (this process's images, C)},
-  '_labels' and '_positions' (this process's images, in order of the split)."""
+             flip: bool = True, crops_per_step: int = 5, progress: bool = True,
+             return_posteriors: bool = False) -> dict:
+  """Evaluates one or several models on every image of `source` with the requested protocols, at each
+  model's scales and over all of them, per model and fused (several models). Returns eval.json's content.
+
+  source: len(source), and source.record(i) -> (uint8 image or encoded bytes, label) or
+    source[i] -> {'image', 'label'} (vggjax.data.pipeline.open_source gives one).
+  batch_size: global images per step (a multiple of the device count); 0: DEFAULT_PER_DEVICE_BATCH per device.
+  flip: the paper's flips (dense: the image and its mirror image; multi-crop: 25 crops x 2). Turn them off for
+    data whose classes are not mirror-symmetric (digits, text), trained without flips.
+  crops_per_step: grid positions of every image the network runs on at once (x 2 with the flips).
+  return_posteriors: also '_posteriors' {(model label, protocol, scale key): (this process's images, C)},
+    '_labels' and '_indices' (this process's records, in order).
+  """
   protocols = tuple(dict.fromkeys(protocols))
   bad = [p for p in protocols if p not in PROTOCOLS]
   if bad or not protocols:
@@ -503,255 +637,138 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   eval_models = list(eval_models)
   if not eval_models:
     raise ValueError('nothing to evaluate: no model given')
-  labels_ = _unique_labels([m.label for m in eval_models])
-  for m, label in zip(eval_models, labels_):
-    m.label = label
-  num_classes = {m.model.num_classes for m in eval_models}
-  if len(num_classes) != 1:
-    raise ValueError(f'fusion needs models with the same classes; got num_classes {sorted(num_classes)}')
-  num_classes = num_classes.pop()
+  labels_of = _unique_labels([m.label for m in eval_models])
+  classes = {m.model.num_classes for m in eval_models}
+  if len(classes) != 1:
+    raise ValueError(f'fusion needs models with the same classes; got num_classes {sorted(classes)}')
+  num_classes = classes.pop()
   mesh = mesh if mesh is not None else parallel.make_mesh()
   n_dev, n_proc, proc = mesh.devices.size, jax.process_count(), jax.process_index()
   batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * n_dev
   parallel.check_batch_size(batch_size, mesh)
   local_batch = batch_size // n_proc
-  is_main = proc == 0
   num_threads = num_threads or min(8, os.cpu_count() or 1)
   t_start = time.perf_counter()
 
-  # This process's images: a contiguous block of the split. Dimensions and labels first (header reads).
+  # This process's images: a contiguous block of the split. Their dimensions and labels first.
   n = len(source)
   lo, hi = proc * n // n_proc, (proc + 1) * n // n_proc
   reader = _Reader(source, dct_scaling)
-  dims = np.zeros((hi - lo, 2), np.int64)
-  labels = np.full((hi - lo,), -1, np.int64)
-  readable = np.zeros((hi - lo,), bool)
-  unreadable: list[str] = []
-
-  def read_dims(pos):
-    try:
-      return pos, reader.dims(lo + pos), None
-    except Exception as e:  # noqa: BLE001 - a bad record must not end the evaluation
-      return pos, None, f'{type(e).__name__}: {e}'[:300]
-
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    for pos, d, err in pool.map(read_dims, range(hi - lo)):
-      if d is None:
-        unreadable.append(reader.describe(lo + pos))
-        log.warning('skipping unreadable record %s: %s', reader.describe(lo + pos), err)
-      else:
-        dims[pos], labels[pos], readable[pos] = d[:2], d[2], True
+  dims, labels, readable, unreadable = _read_split(reader, lo, hi, num_threads)
   bad_labels = int(np.sum(readable & ((labels < 0) | (labels >= num_classes))))
   if int(np.sum(_allgather(np.asarray([bad_labels])))):
     raise ValueError(f'labels outside [0, {num_classes}) in the split: the models have {num_classes} classes')
 
+  # The batches of every scale: per bucket shape, the same sequence on every process.
   all_scales = sorted({q for m in eval_models for q in m.scales})
-  plans: dict[int, list[_Batch]] = {}
-  bucket_counts: dict[int, dict[str, int]] = {}
+  plans, buckets = {}, {}
   for q in all_scales:
-    shapes = {}
-    for pos in np.flatnonzero(readable):
-      h, w = reader.t.rescaled_size(int(dims[pos, 0]), int(dims[pos, 1]), q)
-      shapes[int(pos)] = bucket_shape(h, w, q, aspect_buckets)
+    shapes = {int(pos): bucket_shape(*reader.t.rescaled_size(int(dims[pos, 0]), int(dims[pos, 1]), q), q,
+                                     aspect_buckets) for pos in np.flatnonzero(readable)}
     plans[q] = plan_batches(shapes, q, local_batch)
-    counts: dict[str, int] = {}
-    for s in shapes.values():
-      counts[f'{s[0]}x{s[1]}'] = counts.get(f'{s[0]}x{s[1]}', 0) + 1
-    bucket_counts[q] = counts
-
-  # Jitted functions (compiled ahead of time per shape).
-  rep, data = parallel.replicated(mesh), NamedSharding(mesh, P(parallel.DATA_AXIS))
-  crops_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
-  variables = [jax.device_put(m.variables, rep) for m in eval_models]
-  dense_fns = [jax.jit(functools.partial(dense_posteriors, m.model, norm=m.norm), out_shardings=data)
-               for m in eval_models]
-  crop_net_fns = {(i, flips): jax.jit(functools.partial(crop_posteriors, m.model, flips=flips, norm=m.norm),
-                                      out_shardings=data)
-                  for i, m in enumerate(eval_models) for flips in (False, True)}
-  crop_fns = {(size, grid): jax.jit(functools.partial(extract_crops, size=size, n=grid),
-                                    out_shardings=crops_sharding)
-              for size in {m.model.image_size for m in eval_models} for grid in (1, GRID)}
-  compiled = _Compiled()
-  # Compiled shapes per scale: dense (one per bucket), crop extraction (a small gather per bucket and crop
-  # kind) and the crop network (one per crop protocol, the same for every scale).
-  shapes_used: dict[int, dict[str, set]] = {q: {'dense': set(), 'crop_extract': set(), 'crop_net': set()}
-                                            for q in all_scales}
-  seconds = {(i, p, q): 0.0 for i in range(len(eval_models)) for p in base for q in all_scales}
-
-  # Per-image posteriors of this process's images; sums over scales for the multi-scale rows.
-  n_local = hi - lo
-  sums: dict[tuple[int, str], np.ndarray] = {}
-  done_scales = np.zeros((len(eval_models), n_local), np.int64)
-  rows: list[dict] = []  # result rows: local hit counts, summed over processes at the end
-  kept: dict[tuple[str, str, str], np.ndarray] = {}
-
-  def add_rows(label: str, posteriors: dict[str, np.ndarray], valid: np.ndarray, scales: tuple,
-               time_s: dict[str, float]):
-    for p in reported:
-      post = posteriors[p]
-      idx = np.flatnonzero(valid)
-      y = labels[idx]
-      top1 = topk_hits(post[idx], y, 1)
-      top5 = topk_hits(post[idx], y, min(5, num_classes))
-      rows.append({'model': label, 'protocol': p, 'scales': scales, 'top1': int(top1.sum()),
-                   'top5': int(top5.sum()), 'count': len(idx), 'seconds': time_s.get(p, 0.0)})
-      if return_posteriors:
-        kept[(label, p, _scale_key(scales))] = post.copy()
-
-  def with_combination(posteriors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = dict(posteriors)
-    if 'dense+multicrop' in reported:
-      out['dense+multicrop'] = 0.5 * (posteriors['dense'] + posteriors['multicrop'])
-    return out
-
-  def timing(i: int, qs: Iterable[int]) -> dict[str, float]:
-    t = {p: sum(seconds[(i, p, q)] for q in qs) for p in base}
-    if 'dense+multicrop' in reported:
-      t['dense+multicrop'] = t['dense'] + t['multicrop']
-    return t
-
-  total_batches = sum(len(b) for b in plans.values())
-  bar = None
-  if is_main and progress:
-    from vggjax import logging as vlog
-    bar = vlog.ProgressBar(total_batches)
-  done_batches, images_done = 0, 0
+    buckets[q] = dict(sorted(collections.Counter(f'{h}x{w}' for h, w in shapes.values()).items()))
 
   def prepare(batch: _Batch):
     hb, wb = batch.shape
     images = np.zeros((local_batch, hb, wb, 3), np.uint8)
-    hw = np.tile(np.asarray([hb, wb], np.int32), (local_batch, 1))
-    positions = batch.positions.copy()
-    failed = []
+    hw = np.tile(np.asarray([hb, wb], np.int32), (local_batch, 1))  # padding slots: a valid, masked shape
+    positions, failed = batch.positions.copy(), []
     for j, pos in enumerate(batch.positions):
-      if pos < 0:
-        continue
-      try:
-        image = reader.rescaled(lo + int(pos), batch.q, int(dims[pos, 0]), int(dims[pos, 1]))
-        images[j, :image.shape[0], :image.shape[1]] = image
-        hw[j] = image.shape[:2]
-      except Exception as e:  # noqa: BLE001
-        positions[j] = -1
-        failed.append((int(pos), f'{type(e).__name__}: {e}'[:300]))
+      if pos >= 0:
+        try:
+          image = reader.rescaled(lo + int(pos), batch.q, int(dims[pos, 0]), int(dims[pos, 1]))
+          images[j, :image.shape[0], :image.shape[1]] = image
+          hw[j] = image.shape[:2]
+        except Exception as e:  # noqa: BLE001 - a bad record must not end the evaluation
+          positions[j] = -1
+          failed.append((int(pos), f'{type(e).__name__}: {e}'[:300]))
     return images, hw, positions, failed
 
+  fns = _Functions(eval_models, mesh, crops_per_step, flip)
+  tally = _Tally(labels, num_classes, reported, keep=return_posteriors)
+  n_local = hi - lo
+  sums: dict[tuple[int, str], np.ndarray] = {}  # (model, protocol) -> posteriors summed over its scales
+  scales_done = np.zeros((len(eval_models), n_local), np.int64)  # per image, scales it was evaluated at
+  bar = None
+  if proc == 0 and progress:
+    from vggjax import logging as vlog
+    bar = vlog.ProgressBar(sum(len(b) for b in plans.values()))
+  steps, images_done = 0, 0
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for q in all_scales:
       at_q = [i for i, m in enumerate(eval_models) if q in m.scales]
       post = {(i, p): np.zeros((n_local, num_classes), np.float32) for i in at_q for p in base}
       seen = np.zeros((n_local,), bool)
-      batches = plans[q]
-      pending = [pool.submit(prepare, b) for b in batches[:num_threads + 1]]
-      for b_index, batch in enumerate(batches):
-        images, hw, positions, failed = pending.pop(0).result()
-        if b_index + num_threads + 1 < len(batches):
-          pending.append(pool.submit(prepare, batches[b_index + num_threads + 1]))
+      for batch, (images, hw, positions, failed) in _prefetched(pool, prepare, plans[q], num_threads):
         for pos, err in failed:
           readable[pos] = False
           unreadable.append(reader.describe(lo + pos))
           log.warning('skipping unreadable record %s: %s', reader.describe(lo + pos), err)
         g = parallel.global_batch({'image': images, 'hw': hw}, mesh)
         valid = positions >= 0
-        crops_cache: dict[tuple[int, int], jax.Array] = {}
-        for i in at_q:
-          m = eval_models[i]
-          size = m.model.image_size
-          for p in base:
-            t0, c0 = time.perf_counter(), compiled.compile_s
-            if p == 'dense':
-              shapes_used[q]['dense'].add(batch.shape)
-              out = compiled(('dense', i, batch.shape), dense_fns[i], variables[i], g['image'], g['hw'])
-            else:
-              grid = GRID if p == 'multicrop' else 1
-              if (size, grid) not in crops_cache:  # shared by the models of the same training size
-                shapes_used[q]['crop_extract'].add((grid, batch.shape))
-                crops_cache[(size, grid)] = compiled(('crops', size, grid, batch.shape), crop_fns[(size, grid)],
-                                                     g['image'], g['hw'])
-              shapes_used[q]['crop_net'].add(p)
-              out = compiled(('crop_net', i, p), crop_net_fns[(i, p == 'multicrop')], variables[i],
-                             crops_cache[(size, grid)])
-            rows_out = _local_rows(out)
-            seconds[(i, p, q)] += time.perf_counter() - t0 - (compiled.compile_s - c0)
-            post[(i, p)][positions[valid]] = rows_out[valid]
+        for key, rows in fns.run(q, batch.shape, g['image'], g['hw'], at_q, base).items():
+          post[key][positions[valid]] = rows[valid]
         seen[positions[valid]] = True
-        done_batches += 1
+        steps += 1
         images_done += int(valid.sum())
         if bar is not None:
-          elapsed = time.perf_counter() - t_start
-          bar.update(done_batches, Q=q, shape=f'{batch.shape[0]}x{batch.shape[1]}',
-                     **{'img/s': round(images_done * n_proc / max(elapsed, 1e-9), 1)})
+          rate = images_done * n_proc / max(time.perf_counter() - t_start, 1e-9)
+          bar.update(steps, Q=q, shape=f'{batch.shape[0]}x{batch.shape[1]}', **{'img/s': round(rate, 1)})
       seen &= readable
-      # Rows at this scale, per model and fused; then the sums over scales.
-      fused: dict[str, list] = {p: [] for p in base}
+      # Rows at this scale, per model and fused; the sums over scales.
       for i in at_q:
         per = {p: post[(i, p)] for p in base}
-        add_rows(eval_models[i].label, with_combination(per), seen, (q,), timing(i, [q]))
+        tally.add(labels_of[i], per, seen, (q,), fns.device_seconds(i, [q], reported))
         for p in base:
-          fused[p].append(per[p])
-          s = sums.get((i, p))
-          sums[(i, p)] = per[p] if s is None else s + per[p]
-        done_scales[i] += seen
+          sums[(i, p)] = per[p] if (i, p) not in sums else sums[(i, p)] + per[p]
+        scales_done[i] += seen
       if len(eval_models) > 1 and len(at_q) == len(eval_models):
-        t = [timing(i, [q]) for i in at_q]
-        add_rows('fusion', with_combination({p: fuse(fused[p]) for p in base}), seen, (q,),
-                 {p: sum(x[p] for x in t) for p in t[0]})
+        tally.add('fusion', {p: fuse([post[(i, p)] for i in at_q]) for p in base}, seen, (q,),
+                  _total([fns.device_seconds(i, [q], reported) for i in at_q]))
       del post
   if bar is not None:
     bar.close()
 
-  # Multi-scale rows: each model over its scales; the fusion of the models, each over its own scales.
-  full: dict[int, dict[str, np.ndarray]] = {}
+  # Multi-scale: each model over its scales; the fusion of the models, each over its own scales.
+  full = {i: {p: sums[(i, p)] / len(m.scales) for p in base} for i, m in enumerate(eval_models)}
+  complete = [scales_done[i] == len(m.scales) for i, m in enumerate(eval_models)]
   for i, m in enumerate(eval_models):
-    full[i] = {p: sums[(i, p)] / len(m.scales) for p in base}
     if len(m.scales) > 1:
-      add_rows(m.label, with_combination(full[i]), done_scales[i] == len(m.scales), m.scales,
-               timing(i, m.scales))
-  multi_fusion = len(eval_models) > 1 and not all(len(m.scales) == 1 and m.scales == eval_models[0].scales
-                                                  for m in eval_models)
-  if multi_fusion:
-    valid = np.all([done_scales[i] == len(m.scales) for i, m in enumerate(eval_models)], axis=0)
-    key_scales = tuple(sorted({q for m in eval_models for q in m.scales}))
-    t = [timing(i, m.scales) for i, m in enumerate(eval_models)]
-    add_rows('fusion', with_combination({p: fuse([full[i][p] for i in range(len(eval_models))]) for p in base}),
-             valid, key_scales, {p: sum(x[p] for x in t) for p in t[0]})
+      tally.add(labels_of[i], full[i], complete[i], m.scales, fns.device_seconds(i, m.scales, reported))
+  if len(eval_models) > 1 and any(m.scales != eval_models[0].scales or len(m.scales) > 1 for m in eval_models):
+    tally.add('fusion', {p: fuse([full[i][p] for i in full]) for p in base}, np.all(complete, axis=0),
+              all_scales, _total([fns.device_seconds(i, m.scales, reported) for i, m in enumerate(eval_models)]))
 
-  # Sum the hit counts over processes.
-  local = np.asarray([[r['top1'], r['top5'], r['count']] for r in rows], np.int64).reshape(-1, 3)
-  total = _allgather(local).sum(axis=0)
   n_unreadable = int(np.sum(_allgather(np.asarray([len(unreadable)], np.int64))))
-  results: dict[str, dict] = {}
-  for r, (top1, top5, count) in zip(rows, total):
-    entry = {'top1_err': 1.0 - top1 / count if count else float('nan'),
-             'top5_err': 1.0 - top5 / count if count else float('nan'), 'num_images': int(count)}
-    if r['seconds'] > 0:
-      entry['img_per_s'] = count / r['seconds']
-    results.setdefault(r['model'], {}).setdefault(r['protocol'], {})[_scale_key(r['scales'])] = entry
   out = {
-      'models': [{'label': m.label, 'name': _model_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
-                  'image_size': m.model.image_size,
-                  'train_scale': train_scale_label(*(m.train_scale or (None, None))),
-                  'test_scales': list(m.scales)} for m in eval_models],
+      'models': [{'label': label, 'name': _model_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
+                  'image_size': m.model.image_size, 'train_scale': train_scale_label(*(m.train_scale or (None,) * 2)),
+                  'test_scales': list(m.scales)} for label, m in zip(labels_of, eval_models)],
       'protocols': list(reported),
-      'results': results,
-      'num_images': int(n - n_unreadable),
+      'flip': bool(flip),
+      'results': tally.results(),
+      'num_images': n - n_unreadable,
       'split_size': n,
       'unreadable': n_unreadable,
-      'compiled_shapes': {str(q): {k: len(v) for k, v in shapes_used[q].items()} for q in all_scales},
-      'buckets': {str(q): dict(sorted(bucket_counts[q].items())) for q in all_scales} if n_proc == 1 else
-                 {str(q): sorted({f'{b.shape[0]}x{b.shape[1]}' for b in plans[q]}) for q in all_scales},
+      # Per scale: dense shapes (one per bucket), crop extraction (a small gather per bucket and crop kind),
+      # the crop network (one shape per crop protocol, the same at every scale).
+      'compiled_shapes': {str(q): {k: len(v) for k, v in fns.shapes[q].items()} for q in all_scales},
+      'buckets': {str(q): buckets[q] for q in all_scales},  # this process's images per bucket shape
       'batch_size': batch_size,
       'devices': n_dev,
       'processes': n_proc,
-      'compile_s': compiled.compile_s,
+      'compile_s': fns.compile_s,
       'wall_s': time.perf_counter() - t_start,
   }
-  if unreadable and n_proc == 1:
-    out['unreadable_records'] = unreadable[:100]
+  if unreadable:
+    out['unreadable_records'] = unreadable[:100]  # this process's
   if return_posteriors:
-    out['_posteriors'] = kept
-    out['_labels'] = labels
-    out['_positions'] = np.arange(lo, hi)
+    out.update(_posteriors=tally.kept, _labels=labels, _indices=np.arange(lo, hi))
   return out
+
+
+def _total(seconds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  return {p: sum(s[p] for s in seconds) for p in seconds[0]}
 
 
 def _model_name(model: models.VGG) -> str:
@@ -833,6 +850,8 @@ def _define_flags():
                                   'each model\'s training S).')
   f['multiscale'] = flags.DEFINE_bool('multiscale', False, 'The paper\'s 3 test scales per model: {S-32, S, '
                                       'S+32} (fixed S) or {Smin, (Smin+Smax)/2, Smax} (jittered S).')
+  f['flip'] = flags.DEFINE_bool('flip', None, 'Average with the horizontal flips (dense) and use the mirrored '
+                                'crops (multi-crop), as the paper. Default: the config\'s data.flip (True).')
   f['batch_size'] = flags.DEFINE_integer('batch_size', 0, 'Global images per step (0: '
                                          f'{DEFAULT_PER_DEVICE_BATCH} per device).')
   f['num_threads'] = flags.DEFINE_integer('num_threads', 0, 'Host threads decoding and rescaling (0: up to 8).')
@@ -860,10 +879,22 @@ def _load_config(config, workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax (a line per file read) unless --verbosity >= 1."""
+
+  def filter(self, record) -> bool:
+    from absl import logging as absl_logging
+    if record.levelno >= 30 or absl_logging.get_verbosity() >= 1:
+      return True
+    path = record.pathname.replace('\\', '/')
+    return '/orbax/' not in path and '/grain/' not in path and '/etils/' not in path
+
+
 def main(argv, flag_holders) -> None:
   from absl import app, logging as absl_logging
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   f = {k: v.value for k, v in flag_holders.items()}
   num_cpu = f['num_cpu_devices'] or int(os.environ.get('VGGJAX_NUM_CPU_DEVICES', '0') or 0)
   if num_cpu:
@@ -896,17 +927,18 @@ def main(argv, flag_holders) -> None:
                     jax.device_count(), jax.process_count())
   result = evaluate(eval_models, source, protocols=f['protocols'], batch_size=f['batch_size'],
                     num_threads=f['num_threads'], aspect_buckets=aspects,
+                    flip=bool(data_cfg.get('flip', True)) if f['flip'] is None else f['flip'],
                     dct_scaling=bool(data_cfg.get('jpeg_dct_scaling', True)))
   result['split'] = str(data_cfg.eval_split)
   result['dataset'] = str(data_cfg.get('name', '') or data_cfg.source)
   if jax.process_index() == 0:
     path = write_results(result, workdir)
     print(format_table(result))
-    shapes = ', '.join(f'Q={q}: {c["dense"]} dense, {c["crop_net"]} crop' for q, c in
-                       result['compiled_shapes'].items())
-    print(f'{result["num_images"]} of {result["split_size"]} images ({result["unreadable"]} unreadable); '
-          f'compiled shapes {shapes}; compile {result["compile_s"]:.1f} s, total {result["wall_s"]:.1f} s; '
-          f'results in {path}', flush=True)
+    shapes = ', '.join(f'Q={q}: {c["dense"]}/{c["crop_net"]}' for q, c in result['compiled_shapes'].items())
+    print(f'{result["num_images"]} of {result["split_size"]} images ({result["unreadable"]} unreadable), '
+          f'flips {"on" if result["flip"] else "off"}; '
+          f'compiled shapes (dense/crop network) {shapes}; compilation {result["compile_s"]:.1f} s of '
+          f'{result["wall_s"]:.1f} s; results in {path}', flush=True)
 
 
 def run() -> None:
