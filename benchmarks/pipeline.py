@@ -15,7 +15,9 @@ flip it with probability 1/2, and end with a uint8 224x224x3 array (what vggjax 
   else in ``--tf_python``'s interpreter (a separate environment with tensorflow-cpu), else skipped.
 
 Every contestant runs pinned to one CPU core (sched_setaffinity, library thread pools set to 1), in
-interleaved rounds; the figure is the median over rounds, in images per second per core.
+interleaved rounds. The figure is images per CPU-second of the process (all its threads; on one core, the
+throughput of a core that is all its own), the median over rounds; wall-clock images/s are reported too.
+On a machine shared with other jobs the CPU-time figure is the stable one.
 
 Photos: ``--photos DIR`` (any JPEGs, used as they are), or ``--make_from DIR...`` (default: Debian's
 wallpaper photos from plasma-workspace-wallpapers and mate-backgrounds), cut into ImageNet-like 500x375 and
@@ -100,7 +102,16 @@ def make_photos(sources, out_dir: pathlib.Path, per_photo: int = 4,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Contestants: each takes the list of JPEG bytes and (smin, smax), returns seconds for one pass.
+# Contestants: each takes the list of JPEG bytes and (smin, smax), returns (wall seconds, CPU seconds of the
+# whole process, all threads) for one pass.
+
+
+def _clock():
+  return time.perf_counter(), time.process_time()
+
+
+def _elapsed(start, scale: float = 1.0):
+  return (time.perf_counter() - start[0]) * scale, (time.process_time() - start[1]) * scale
 
 
 def run_vggjax(datas, smin, smax) -> float:
@@ -108,12 +119,12 @@ def run_vggjax(datas, smin, smax) -> float:
 
   from vggjax.data import transforms
   cv2.setNumThreads(1)
-  t = time.perf_counter()
+  t = _clock()
   for i, data in enumerate(datas):
     out = transforms.train_transform(data, transforms.example_rng(0, 0, i), image_size=CROP, scale_min=smin,
                                      scale_max=smax)
     assert out.shape == (CROP, CROP, 3)
-  return time.perf_counter() - t
+  return _elapsed(t)
 
 
 def run_vggjax_pipeline(paths, smin, smax) -> float:
@@ -133,12 +144,12 @@ def run_vggjax_pipeline(paths, smin, smax) -> float:
   it = pipeline.TrainIterator(cfg, global_batch_size=batch, seed=0, source=src)
   steps = len(src) // batch
   next(it)  # start-up (Grain's thread pool) outside the timing
-  t = time.perf_counter()
+  t = _clock()
   for _ in range(steps - 1):
     next(it)
-  dt = time.perf_counter() - t
+  dt = _elapsed(t, len(paths) / ((steps - 1) * batch))  # per pass over len(paths) images
   it.close()
-  return dt * len(paths) / ((steps - 1) * batch)  # seconds per pass over len(paths) images
+  return dt
 
 
 def _torchvision_functional():
@@ -158,7 +169,7 @@ def run_pil(datas, smin, smax) -> float:
   from PIL import Image
   F, _ = _torchvision_functional()
   rng = np.random.default_rng(0)
-  t = time.perf_counter()
+  t = _clock()
   for data in datas:
     im = Image.open(io.BytesIO(data)).convert('RGB')
     s = int(rng.integers(smin, smax + 1))
@@ -173,7 +184,7 @@ def run_pil(datas, smin, smax) -> float:
       im = F.hflip(im) if F is not None else im.transpose(Image.FLIP_LEFT_RIGHT)
     out = np.asarray(im)
     assert out.shape == (CROP, CROP, 3)
-  return time.perf_counter() - t
+  return _elapsed(t)
 
 
 def run_tf(datas, smin, smax) -> float:
@@ -200,21 +211,21 @@ def run_tf(datas, smin, smax) -> float:
   ds = tf.data.Dataset.from_tensor_slices(datas).map(transform, num_parallel_calls=1).with_options(options)
   for _ in ds.take(8):  # graph tracing outside the timing
     pass
-  t = time.perf_counter()
+  t = _clock()
   n = 0
   for out in ds:
     n += 1
   assert n == len(datas) and tuple(out.shape) == (CROP, CROP, 3)
-  return time.perf_counter() - t
+  return _elapsed(t)
 
 
-def _tf_in_subprocess(python: str, photo_dir: pathlib.Path, smin: int, smax: int) -> float | None:
+def _tf_in_subprocess(python: str, photo_dir: pathlib.Path, smin: int, smax: int):
   proc = subprocess.run([python, __file__, '--only_tf', '--photos', str(photo_dir), '--tf_scale',
                          f'{smin},{smax}'], capture_output=True, text=True, timeout=600,
                         env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'TF_CPP_MIN_LOG_LEVEL': '2'})
   for line in proc.stdout.splitlines()[::-1]:
     if line.startswith('{'):
-      return json.loads(line)['seconds']
+      return tuple(json.loads(line)['seconds'])
   print('tf.data subprocess failed:', proc.stderr[-1500:], file=sys.stderr)
   return None
 
@@ -290,8 +301,11 @@ def main():
         s = _tf_in_subprocess(args.tf_python, paths[0].parent, smin, smax)
         if s is not None:
           times['tf'].append(s)
-    results[label] = {k: len(datas) / statistics.median(v) for k, v in times.items() if v}
-    results[label]['rounds'] = {k: [round(len(datas) / x, 1) for x in v] for k, v in times.items() if v}
+    # img/s per core from CPU time (robust to other jobs on a shared core) and from wall time
+    results[label] = {k: len(datas) / statistics.median(c for _, c in v) for k, v in times.items() if v}
+    results[label]['wall'] = {k: len(datas) / statistics.median(w for w, _ in v) for k, v in times.items() if v}
+    results[label]['rounds_cpu'] = {k: [round(len(datas) / c, 1) for _, c in v] for k, v in times.items() if v}
+    results[label]['rounds_wall'] = {k: [round(len(datas) / w, 1) for w, _ in v] for k, v in times.items() if v}
 
   bytes_uint8 = CROP * CROP * 3
   meta = {'images': len(datas), 'example_sizes': sorted(set(sizes))[:4], 'rounds': args.rounds,
@@ -302,12 +316,12 @@ def main():
   print(json.dumps({'meta': meta, 'results': results}, indent=1))
   print()
   print(f'{len(datas)} JPEGs ({", ".join(f"{w}x{h}" for w, h in meta["example_sizes"])}...), one core, '
-        f'median of {args.rounds} rounds, images/s per core:')
+        f'median of {args.rounds} rounds, images per CPU-second (wall-clock images/s in brackets):')
   print('| scale | vggjax transform | vggjax pipeline (Grain, folder) | torchvision-style PIL | tf.data '
         '| vggjax / PIL | vggjax / tf.data |')
   print('|---|---|---|---|---|---|---|')
   for label, r in results.items():
-    fmt = lambda k: f'{r[k]:.0f}' if k in r else 'n/a'  # noqa: E731
+    fmt = lambda k: f'{r[k]:.0f} ({r["wall"][k]:.0f})' if k in r else 'n/a'  # noqa: E731
     ratio = lambda k: f'{r["vggjax"] / r[k]:.2f}x' if k in r else 'n/a'  # noqa: E731
     print(f'| {label} | {fmt("vggjax")} | {fmt("vggjax_pipeline")} | {fmt("pil")} | {fmt("tf")} | '
           f'{ratio("pil")} | {ratio("tf")} |')
