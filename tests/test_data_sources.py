@@ -266,6 +266,8 @@ def test_tfds_array_record_built_from_real_photos(tfds_photos):
   assert b['image'].shape == (8, 64, 64, 3) and sorted(b['label'].tolist()) == [0] * 4 + [1] * 4
   evals = list(pipeline.eval_iterator(c, global_batch_size=4))
   assert len(evals) == 1 and evals[0]['mask'].all()
+  with pytest.raises(ValueError, match="no split 'test'.*train, validation"):
+    pipeline.open_source(c, 'test')
   assert tf_before or 'tensorflow' not in sys.modules
 
 

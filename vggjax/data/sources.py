@@ -304,6 +304,13 @@ class FolderSource(Source):
 # TFDS (array_record), read without TensorFlow.
 
 
+def _tfds_prepared_splits(builder) -> list[str]:
+  try:
+    return sorted(builder.info.splits) if builder is not None and builder.is_prepared() else []
+  except Exception:  # noqa: BLE001
+    return []
+
+
 def _tfds_missing_message(name: str, data_dir: str, builder, error: BaseException) -> str:
   where = data_dir or '~/tensorflow_datasets (or $TFDS_DATA_DIR)'
   prepare = (f'Prepare it as array_record (needs the tf extra: pip install "vggjax[tf]"):\n'
@@ -344,6 +351,11 @@ class TfdsSource(Source):
       raw = builder.as_data_source(split=self.split,
                                    deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     except Exception as e:  # noqa: BLE001 - TFDS raises many types for a missing dataset
+      splits = _tfds_prepared_splits(builder)
+      base = re.split(r'[\[+]', self.split)[0].strip()
+      if splits and base not in splits:
+        raise ValueError(f'TFDS dataset {self.tfds_name!r} has no split {self.split!r}; its splits: '
+                         f'{", ".join(splits)} (set data.train_split / data.eval_split)') from e
       raise FileNotFoundError(_tfds_missing_message(self.tfds_name, self.data_dir, builder, e)) from e
     features = builder.info.features
     for key in (self.image_key, self.label_key):
