@@ -32,6 +32,12 @@ record number). In training it is replaced deterministically by the next readabl
 + 2, ... modulo n), so the batches stay identical for every run; in evaluation its slot gets mask False.
 ``it.bad_records`` (this iterator) and ``bad_records()`` (this process) report them; more than
 ``data.max_consecutive_bad`` (default 100) unreadable records in a row is an error.
+
+Config fields read (the ``data`` block): source, name, data_dir, train_split, eval_split, image_size,
+scale_min, scale_max, eval_scale, flip, num_workers, prefetch (batches buffered per worker, and in the main
+process); optional, with defaults: num_threads (2: threads computing batches in each process),
+jpeg_dct_scaling (True, see ``transforms``), max_consecutive_bad (100), image_key / label_key ('image' /
+'label', TFDS features). color_shift, mean_rgb and std_rgb are the device's (``vggjax.preprocessing``).
 """
 
 from __future__ import annotations
