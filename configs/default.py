@@ -41,7 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.std_rgb = (1.0, 1.0, 1.0)
   c.data.color_order = 'RGB'         # the network's input channel order (BGR for Keras/Caffe weights)
   c.data.num_workers = 8             # Grain worker processes per host (0: in the main process)
+  c.data.num_threads = 2             # threads computing batches in each process
   c.data.prefetch = 2                # batches buffered per worker
+  c.data.jpeg_dct_scaling = True     # decode large JPEGs at reduced size (same crop geometry, faster)
+  c.data.max_consecutive_bad = 100   # unreadable images in a row before the run stops (each is skipped)
+  c.data.image_key = 'image'         # TFDS feature names
+  c.data.label_key = 'label'
 
   # --- training loop (vggjax.train) ---
   c.train = ml_collections.ConfigDict()
