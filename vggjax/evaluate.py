@@ -48,7 +48,11 @@ training. Process p reads a contiguous block of the split; all processes run the
 shapes (the bucket counts are agreed with one all-gather), padded with masked slots, so every image is
 evaluated exactly once; per-image posteriors stay on the process that read the image, and the hit counts
 are summed over processes at the end. Images that cannot be read are left out, logged and counted
-(``unreadable`` in eval.json); ``num_images`` is what each error was computed on.
+(``unreadable`` in eval.json); ``num_images`` is what each error was computed on. Host memory: per model and
+protocol, a float32 posterior per image and class of this process's images at the current scale and
+summed over scales (200 MB each for ImageNet's 50,000 x 1,000 on one host). Device memory: per device,
+``batch_size / devices`` padded images (dense; the flip runs after the image) or 2 x crops_per_step crops
+of each of them (multi-crop); lower --batch_size for large Q.
 
 Output: WORKDIR/eval.json (per model and fused, per protocol, per scale set: top1_err, top5_err,
 num_images, img_per_s; compiled shapes and buckets per scale) and a table laid out like the paper's
