@@ -1,5 +1,5 @@
-"""Images per second of the paper's dense and multi-crop evaluation at the same scales (section 4.3 argues that
-dense evaluation is the cheaper), measured with vggjax.evaluate, next to their analytic FLOPs.
+"""Images per second of the paper's dense and multi-crop evaluation at the same scales (section 4.3 argues
+that dense evaluation is the cheaper), measured with vggjax.evaluate, next to their analytic FLOPs.
 
     python benchmarks/eval_protocols.py                                  # narrow VGG-16 at a CPU size (64)
     python benchmarks/eval_protocols.py --image_size=224 --width=0.0625  # the paper's geometry, narrow net
@@ -66,6 +66,7 @@ def random_variables(model, seed: int = 0):
   """He-scaled random weights drawn on the host (no compilation)."""
   import jax
   import numpy as np
+
   from vggjax import models
   rng = np.random.default_rng(seed)
 
@@ -80,7 +81,9 @@ def random_variables(model, seed: int = 0):
 def analytic_flops(args, source, scales) -> dict:
   """Mean FLOPs per image of each protocol at each scale: exact rescaled images and padded buckets."""
   import numpy as np
-  from vggjax import evaluate as ev, models
+
+  from vggjax import evaluate as ev
+  from vggjax import models
   from vggjax.data import transforms
   opts = dict(train_size=args.image_size, num_classes=args.num_classes, width=args.width,
               fc_features=args.fc_features or None)
@@ -101,9 +104,11 @@ def mask_overhead(model, variables, q: int, batch: int, seconds: float = 5.0) ->
   """ms per batch of the exact (masked) dense step on a 4:3 bucket of images 11 columns narrower than the
   bucket, against the plain network on the same padded arrays (not exact: the padding leaks in)."""
   import time
+
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from vggjax import evaluate as ev
   from vggjax.preprocessing import normalize
   shape = ev.bucket_shape(q, round(q * 4 / 3), q)
@@ -145,16 +150,18 @@ def main(argv=None) -> int:
   import jax
   if args.num_cpu_devices > 1:
     jax.config.update('jax_num_cpu_devices', args.num_cpu_devices)
-  from vggjax import evaluate as ev, models
+  from vggjax import evaluate as ev
+  from vggjax import models
   from vggjax.data import transforms
   scales = ([int(q) for q in args.scales.split(',')] if args.scales else
             sorted({round(args.image_size * s / 224) for s in (224, 256, 288)}))
-  model = models.get_model(args.model, num_classes=args.num_classes, width=args.width, image_size=args.image_size,
-                           fc_features=args.fc_features or None, dtype=args.dtype)
+  model = models.get_model(args.model, num_classes=args.num_classes, width=args.width,
+                           image_size=args.image_size, fc_features=args.fc_features or None, dtype=args.dtype)
   source = Photos(args.images, args.num_classes)
   m = ev.EvalModel(model, random_variables(model), scales=scales)
   warm = Photos(2 * (args.batch_size or 8 * jax.device_count()), args.num_classes)  # warms the runtime up
-  ev.evaluate([m], warm, protocols=['single', 'dense', 'multicrop'], batch_size=args.batch_size, progress=False)
+  ev.evaluate([m], warm, protocols=['single', 'dense', 'multicrop'], batch_size=args.batch_size,
+              progress=False)
   result = ev.evaluate([m], source, protocols=['single', 'dense', 'multicrop'], batch_size=args.batch_size,
                        progress=not args.json)
   flops = analytic_flops(args, source, scales)
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
   for r in rows:
     print(f'| {r["scales"]} | {r["single_img_per_s"]:.1f} | {r["dense_img_per_s"]:.1f} | '
           f'{r["multicrop_img_per_s"]:.2f} | {r["speedup_dense_over_multicrop"]:.1f}x | '
-          f'{r["flops_ratio_multicrop_over_dense"]:.1f}x; {r["flops_ratio_multicrop_over_dense_padded"]:.1f}x |')
+          f'{r["flops_ratio_multicrop_over_dense"]:.1f}x; '
+          f'{r["flops_ratio_multicrop_over_dense_padded"]:.1f}x |')
   print('full-size net, 224 training size, these photos: FLOPs multi-crop / dense = ' +
         ', '.join(f'{v:.1f}x at Q={q}' for q, v in paper.items()))
   print(f'exact (masked) dense step on {overhead["batch"]} x {overhead["shape"][0]}x{overhead["shape"][1]}: '

@@ -74,7 +74,8 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, models, parallel  # noqa: E402
 from vggjax.preprocessing import Normalization, normalize  # noqa: E402
@@ -159,7 +161,7 @@ def grid_offsets(height: int, width: int, size: int, n: int = GRID) -> list[tupl
 
 
 def _round_up(x: float, multiple: int) -> int:
-  return int(math.ceil(x / multiple - 1e-9)) * multiple
+  return math.ceil(x / multiple - 1e-9) * multiple
 
 
 def bucket_side(long_side: int, q: int, aspects: Sequence[float] = ASPECT_BUCKETS) -> int:
@@ -282,7 +284,8 @@ def crop_posteriors(model: models.VGG, variables: Any, crops: jax.Array, flips: 
   (B, classes). The network runs on `per_step` crop positions (x 2 with flips) of every image at a time."""
   b, k = crops.shape[:2]
   g = math.gcd(k, per_step)
-  groups = jnp.swapaxes(crops.reshape(b, k // g, g, *crops.shape[2:]), 0, 1)  # (K/g, B, g, ...): B stays major
+  # (K/g, B, g, ...): the batch axis stays the major one of each step's crops (no resharding).
+  groups = jnp.swapaxes(crops.reshape(b, k // g, g, *crops.shape[2:]), 0, 1)
 
   def step(c):  # c: (B, g, size, size, 3)
     if flips:  # each crop next to its mirror image: the batch axis stays major (no resharding)
@@ -375,9 +378,9 @@ def load_model(path: str, *, scales: Sequence[int] | None = None, multiscale: bo
     if s is None:
       raise ValueError(f'{path} records no training scale: pass --scales (or a config with data.scale_min)')
     qs = default_scales(s[0], s[1], model.image_size, multiscale)
-  return EvalModel(model=model, variables=variables, scales=qs, norm=checkpoints.normalization_from_meta(meta),
-                   label=_arch_label(model), train_scale=train_scale, checkpoint=str(path),
-                   step=meta.get('step'))
+  return EvalModel(model=model, variables=variables, scales=qs,
+                   norm=checkpoints.normalization_from_meta(meta), label=_arch_label(model),
+                   train_scale=train_scale, checkpoint=str(path), step=meta.get('step'))
 
 
 def _unique_labels(labels: Sequence[str]) -> list[str]:
@@ -511,8 +514,8 @@ class _Functions:
       self.cache[key] = compiled
     return compiled(*args)
 
-  def run(self, q: int, shape: tuple[int, int], images: jax.Array, hw: jax.Array, model_indices: Sequence[int],
-          protocols: Sequence[str]) -> dict[tuple[int, str], np.ndarray]:
+  def run(self, q: int, shape: tuple[int, int], images: jax.Array, hw: jax.Array,
+          model_indices: Sequence[int], protocols: Sequence[str]) -> dict[tuple[int, str], np.ndarray]:
     """Posteriors (this process's rows) of one batch for each (model, base protocol)."""
     out, crops = {}, {}
     used = self.shapes[q]
@@ -558,13 +561,13 @@ class _Tally:
     for p in self.reported:
       post, y = posteriors[p][idx], self.labels[idx]
       self.rows.append({'model': label, 'protocol': p, 'scales': tuple(scales), 'count': len(idx),
-                        'top1': int(topk_hits(post, y, 1).sum()), 'top5': int(topk_hits(post, y, self.k5).sum()),
-                        'seconds': seconds.get(p, 0.0)})
+                        'top1': int(topk_hits(post, y, 1).sum()),
+                        'top5': int(topk_hits(post, y, self.k5).sum()), 'seconds': seconds.get(p, 0.0)})
       if self.kept is not None:
         self.kept[(label, p, _scale_key(scales))] = posteriors[p].copy()
 
   def results(self) -> dict:
-    """{model: {protocol: {scale key: {top1_err, top5_err, num_images, img_per_s}}}}, summed over processes."""
+    """{model: {protocol: {scale key: {top1_err, top5_err, num_images, img_per_s}}}}, over all processes."""
     local = np.asarray([[r['top1'], r['top5'], r['count']] for r in self.rows], np.int64).reshape(-1, 3)
     total = _allgather(local).sum(axis=0)
     results: dict[str, dict] = {}
@@ -739,14 +742,17 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   for i, m in enumerate(eval_models):
     if len(m.scales) > 1:
       tally.add(labels_of[i], full[i], complete[i], m.scales, fns.device_seconds(i, m.scales, reported))
-  if len(eval_models) > 1 and any(m.scales != eval_models[0].scales or len(m.scales) > 1 for m in eval_models):
+  if len(eval_models) > 1 and any(m.scales != eval_models[0].scales or len(m.scales) > 1
+                                 for m in eval_models):
+    seconds = _total([fns.device_seconds(i, m.scales, reported) for i, m in enumerate(eval_models)])
     tally.add('fusion', {p: fuse([full[i][p] for i in full]) for p in base}, np.all(complete, axis=0),
-              all_scales, _total([fns.device_seconds(i, m.scales, reported) for i, m in enumerate(eval_models)]))
+              all_scales, seconds)
 
   n_unreadable = int(np.sum(_allgather(np.asarray([len(unreadable)], np.int64))))
   out = {
       'models': [{'label': label, 'name': _model_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
-                  'image_size': m.model.image_size, 'train_scale': train_scale_label(*(m.train_scale or (None,) * 2)),
+                  'image_size': m.model.image_size,
+                  'train_scale': train_scale_label(*(m.train_scale or (None, None))),
                   'test_scales': list(m.scales)} for label, m in zip(labels_of, eval_models)],
       'protocols': list(reported),
       'flip': bool(flip),
@@ -854,11 +860,13 @@ def _define_flags():
                                   'each model\'s training S).')
   f['multiscale'] = flags.DEFINE_bool('multiscale', False, 'The paper\'s 3 test scales per model: {S-32, S, '
                                       'S+32} (fixed S) or {Smin, (Smin+Smax)/2, Smax} (jittered S).')
-  f['flip'] = flags.DEFINE_bool('flip', None, 'Average with the horizontal flips (dense) and use the mirrored '
-                                'crops (multi-crop), as the paper. Default: the config\'s data.flip (True).')
+  f['flip'] = flags.DEFINE_bool('flip', None, 'Average with the horizontal flips (dense) and use the '
+                                'mirrored crops (multi-crop), as the paper. Default: the config\'s data.flip '
+                                '(True).')
   f['batch_size'] = flags.DEFINE_integer('batch_size', 0, 'Global images per step (0: '
                                          f'{DEFAULT_PER_DEVICE_BATCH} per device).')
-  f['num_threads'] = flags.DEFINE_integer('num_threads', 0, 'Host threads decoding and rescaling (0: up to 8).')
+  f['num_threads'] = flags.DEFINE_integer('num_threads', 0,
+                                          'Host threads decoding and rescaling (0: up to 8).')
   f['aspect_buckets'] = flags.DEFINE_list('aspect_buckets', [f'{a:.4g}' for a in ASPECT_BUCKETS],
                                           'Aspect ratios of the dense buckets (fewer: fewer compiled shapes, '
                                           'more padding).')
@@ -895,7 +903,8 @@ class _QuietLibraries:
 
 
 def main(argv, flag_holders) -> None:
-  from absl import app, logging as absl_logging
+  from absl import app
+  from absl import logging as absl_logging
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
