@@ -344,13 +344,16 @@ def test_single_crop_equals_validation_during_training(result, two_models, sourc
 
 
 def test_unreadable_records_are_left_out_and_counted(two_models, real_photos):
+  """Not an image (found when reading the sizes) and a truncated JPEG (its header reads, its pixels do not:
+  found when decoding) are left out and counted; an encoded JPEG is decoded on the host."""
   src = PhotoSource(real_photos)
-  src.images = src.images[:3]
-  src.labels = src.labels[:3]
-  src.images[1] = b'not an image'
+  jpeg = cv2.imencode('.jpg', src.images[2][:, :, ::-1])[1].tobytes()
+  src.images = [src.images[0], b'not an image', jpeg, jpeg[:len(jpeg) // 3]]
+  src.labels = src.labels[:4]
   m = ev.EvalModel(two_models[0].model, two_models[0].variables, scales=(32,), norm=NORM)
   out = ev.evaluate([m], src, protocols=['single'], batch_size=8, progress=False)
-  assert out['unreadable'] == 1 and out['num_images'] == 2 and out['unreadable_records'] == ['photo 1']
+  assert out['unreadable'] == 2 and out['num_images'] == 2 and out['split_size'] == 4
+  assert sorted(out['unreadable_records']) == ['photo 1', 'photo 3']
   assert out['results']['A']['single']['32']['num_images'] == 2
   with pytest.raises(ValueError, match='unknown protocol'):
     ev.evaluate([m], src, protocols=['tencrop'])

@@ -654,14 +654,16 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * n_dev
   parallel.check_batch_size(batch_size, mesh)
   local_batch = batch_size // n_proc
-  num_threads = num_threads or min(8, os.cpu_count() or 1)
+  num_threads = num_threads or min(16, os.cpu_count() or 1)
   t_start = time.perf_counter()
 
   # This process's images: a contiguous block of the split. Their dimensions and labels first.
   n = len(source)
   lo, hi = proc * n // n_proc, (proc + 1) * n // n_proc
   reader = _Reader(source, dct_scaling)
+  log.info('reading the sizes of %d images (of %d) in %d threads', hi - lo, n, num_threads)
   dims, labels, readable, unreadable = _read_split(reader, lo, hi, num_threads)
+  log.info('read the sizes in %.1f s', time.perf_counter() - t_start)
   bad_labels = int(np.sum(readable & ((labels < 0) | (labels >= num_classes))))
   if int(np.sum(_allgather(np.asarray([bad_labels])))):
     raise ValueError(f'labels outside [0, {num_classes}) in the split: the models have {num_classes} classes')
@@ -866,7 +868,7 @@ def _define_flags():
   f['batch_size'] = flags.DEFINE_integer('batch_size', 0, 'Global images per step (0: '
                                          f'{DEFAULT_PER_DEVICE_BATCH} per device).')
   f['num_threads'] = flags.DEFINE_integer('num_threads', 0,
-                                          'Host threads decoding and rescaling (0: up to 8).')
+                                          'Host threads decoding and rescaling (0: up to 16).')
   f['aspect_buckets'] = flags.DEFINE_list('aspect_buckets', [f'{a:.4g}' for a in ASPECT_BUCKETS],
                                           'Aspect ratios of the dense buckets (fewer: fewer compiled shapes, '
                                           'more padding).')
