@@ -375,6 +375,22 @@ def _save(directory, name, seed, scale_min, scale_max):
   return str(directory)
 
 
+def test_load_model_scales_from_the_run_or_the_config(tmp_path):
+  run = _save(tmp_path / 'run', 'vgg11', 0, 32, 64)
+  m = ev.load_model(run, multiscale=True)
+  assert m.scales == (32, 48, 64) and m.train_scale == (32, 64) and m.label == 'A'
+  assert ev.load_model(run).scales == (48,) and ev.load_model(run, scales=[40, 36]).scales == (36, 40)
+  # Imported weights record no training scale: the config's (e.g. torchvision's 256 with a 224 net).
+  variables, meta = checkpoints.load_weights(run)
+  del meta['data']
+  checkpoints.save_weights(tmp_path / 'imported', variables, meta)
+  assert ev.load_model(tmp_path / 'imported', fallback_train_scale=(40, 40)).scales == (40,)
+  assert ev.load_model(tmp_path / 'imported', fallback_train_scale=(40, 40), multiscale=True).scales == (40, 72)
+  with pytest.raises(ValueError, match='records no training scale'):
+    ev.load_model(tmp_path / 'imported')
+  np.testing.assert_allclose(ev.load_model(run).norm.mean, (78.0,) * 3)
+
+
 def _evaluate_cli(workdir, *args, env, timeout=600):
   p = subprocess.run([sys.executable, '-m', 'vggjax.evaluate', f'--workdir={workdir}', *args], env=env,
                      capture_output=True, text=True, timeout=timeout, check=False)

@@ -354,11 +354,18 @@ class EvalModel:
     self.label = self.label or _arch_label(self.model)
 
 
-def _arch_label(model: models.VGG) -> str:
+def _arch_name(model: models.VGG) -> str:
+  """The configuration's vggjax name (vgg16, ...) from the module's layer table."""
   for name, arch in models.ARCHS.items():
     if arch.stages == model.stages and arch.lrn == model.lrn and arch.batch_norm == model.batch_norm:
-      return arch.paper_name or name
-  return 'VGG'
+      return name
+  return 'vgg'
+
+
+def _arch_label(model: models.VGG) -> str:
+  """The paper's letter (A, A-LRN, B, C, D, E) where there is one, else the vggjax name."""
+  arch = models.ARCHS.get(_arch_name(model))
+  return (arch.paper_name if arch else None) or _arch_name(model)
 
 
 def load_model(path: str, *, scales: Sequence[int] | None = None, multiscale: bool = False,
@@ -752,7 +759,7 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
 
   n_unreadable = int(np.sum(_allgather(np.asarray([len(unreadable)], np.int64))))
   out = {
-      'models': [{'label': label, 'name': _model_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
+      'models': [{'label': label, 'name': _arch_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
                   'image_size': m.model.image_size,
                   'train_scale': train_scale_label(*(m.train_scale or (None, None))),
                   'test_scales': list(m.scales)} for label, m in zip(labels_of, eval_models)],
@@ -781,13 +788,6 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
 
 def _total(seconds: Sequence[Mapping[str, float]]) -> dict[str, float]:
   return {p: sum(s[p] for s in seconds) for p in seconds[0]}
-
-
-def _model_name(model: models.VGG) -> str:
-  for name, arch in models.ARCHS.items():
-    if arch.stages == model.stages and arch.lrn == model.lrn and arch.batch_norm == model.batch_norm:
-      return name
-  return 'vgg'
 
 
 # ----------------------------------------------------------------------------------------------------------
