@@ -212,7 +212,7 @@ def test_plan_batches_over_two_processes_counts_every_image_once():
   the same sequence of batch shapes on both, every image in exactly one slot, the rest padding."""
   shapes = [{i: (32, 64) for i in range(5)} | {5: (64, 32)}, {i: (32, 64) for i in range(2)} |
             {i: (96, 32) for i in range(2, 5)}]
-  barrier, posted, plans = threading.Barrier(2), [None, None], [None, None]
+  barrier, posted, plans, counts = threading.Barrier(2), [None, None], [None, None], [None, None]
 
   def run(p):
     def gather(x):  # what multihost_utils.process_allgather does across processes
@@ -221,13 +221,14 @@ def test_plan_batches_over_two_processes_counts_every_image_once():
       out = np.stack(posted)
       barrier.wait()
       return out
-    plans[p] = ev.plan_batches(shapes[p], 256, 2, gather=gather)
+    plans[p], counts[p] = ev.plan_batches(shapes[p], 256, 2, gather=gather)
 
   threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
   [t.start() for t in threads]
   [t.join() for t in threads]
   expected = [(32, 64)] * 3 + [(64, 32)] + [(96, 32)] * 2  # per bucket, the most batches of any process
   assert [b.shape for b in plans[0]] == [b.shape for b in plans[1]] == expected
+  assert counts[0] == counts[1] == {(32, 64): 7, (64, 32): 1, (96, 32): 3}
   for p in range(2):
     slots = np.concatenate([b.positions for b in plans[p]])
     assert sorted(slots[slots >= 0].tolist()) == sorted(shapes[p])
@@ -438,6 +439,7 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], '\n'.join(x[-3000:] for x in logs)
   two = json.loads((tmp_path / 'two' / 'eval.json').read_text())
   assert two['processes'] == 2 and two['devices'] == 8 and two['num_images'] == 20
+  assert two['buckets'] == {'36': {'36x36': 20}} == {'36': result['buckets']['36']}
   for p in ('dense', 'single'):
     got, want = two['results']['A'][p]['36'], r['A'][p]['36']
     assert (got['top1_err'], got['top5_err'], got['num_images']) == (want['top1_err'], want['top5_err'], 20)

@@ -449,9 +449,11 @@ class _Batch:
 
 
 def plan_batches(shapes_by_position: Mapping[int, tuple[int, int]], q: int, local_batch: int,
-                 gather: Callable[[np.ndarray], np.ndarray] = _allgather) -> list[_Batch]:
+                 gather: Callable[[np.ndarray], np.ndarray] = _allgather
+                 ) -> tuple[list[_Batch], dict[tuple[int, int], int]]:
   """The batches of one scale: per bucket shape (sorted), this process's images in chunks of local_batch,
-  padded (position -1) up to the largest number of batches any process has in that bucket."""
+  padded (position -1) up to the largest number of batches any process has in that bucket; and the number
+  of images of every process in each bucket shape."""
   local: dict[tuple[int, int], list[int]] = {}
   for pos in sorted(shapes_by_position):
     local.setdefault(tuple(shapes_by_position[pos]), []).append(pos)
@@ -461,10 +463,12 @@ def plan_batches(shapes_by_position: Mapping[int, tuple[int, int]], q: int, loca
   padded[:len(rows)] = rows
   everyone = gather(padded).reshape(-1, 3)
   needed: dict[tuple[int, int], int] = {}
+  counts: dict[tuple[int, int], int] = {}
   for h, w, count in everyone:
     if count:
       key = (int(h), int(w))
       needed[key] = max(needed.get(key, 0), -(-int(count) // local_batch))
+      counts[key] = counts.get(key, 0) + int(count)
   batches = []
   for shape in sorted(needed):
     mine = local.get(shape, [])
@@ -473,7 +477,7 @@ def plan_batches(shapes_by_position: Mapping[int, tuple[int, int]], q: int, loca
       part = mine[b * local_batch:(b + 1) * local_batch]
       chunk[:len(part)] = part
       batches.append(_Batch(q, shape, chunk))
-  return batches
+  return batches, counts
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -681,8 +685,8 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   for q in all_scales:
     shapes = {int(pos): bucket_shape(*reader.t.rescaled_size(int(dims[pos, 0]), int(dims[pos, 1]), q), q,
                                      aspect_buckets) for pos in np.flatnonzero(readable)}
-    plans[q] = plan_batches(shapes, q, local_batch)
-    buckets[q] = dict(sorted(collections.Counter(f'{h}x{w}' for h, w in shapes.values()).items()))
+    plans[q], counts = plan_batches(shapes, q, local_batch)
+    buckets[q] = {f'{h}x{w}': c for (h, w), c in sorted(counts.items())}
 
   def prepare(batch: _Batch):
     hb, wb = batch.shape
@@ -772,7 +776,7 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
       # Per scale: dense shapes (one per bucket), crop extraction (a small gather per bucket and crop kind),
       # the crop network (one shape per crop protocol, the same at every scale).
       'compiled_shapes': {str(q): {k: len(v) for k, v in fns.shapes[q].items()} for q in all_scales},
-      'buckets': {str(q): buckets[q] for q in all_scales},  # this process's images per bucket shape
+      'buckets': {str(q): buckets[q] for q in all_scales},  # images per bucket shape
       'batch_size': batch_size,
       'devices': n_dev,
       'processes': n_proc,
