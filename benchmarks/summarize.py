@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
 
@@ -79,7 +80,10 @@ def summarize(records: list[dict]) -> dict:
   memory = [{'remat': r['remat'], 'model': r['model'], 'dtype': r['dtype'], 'image_size': r['image_size'],
              'device_kind': r['device_kind'], **r['max_batch']} for r in records if 'max_batch' in r]
   kinds = sorted({r['device_kind'] for r in records if 'device_kind' in r})
-  return {'devices': kinds, 'rows': [rows[k] for k in sorted(rows)], 'max_batch': memory}
+  nonfinite = [f"{r['framework']} batch {r['batch']}{' remat' if r.get('remat') else ''}"
+               for r in records if 'train' in r and not math.isfinite(r['train'].get('final_loss', 0.0))]
+  return {'devices': kinds, 'rows': [rows[k] for k in sorted(rows)], 'max_batch': memory,
+          'nonfinite_loss': nonfinite}
 
 
 def table(summary: dict) -> str:
@@ -118,6 +122,8 @@ def table(summary: dict) -> str:
                  f"{' remat' if m['remat'] else ''}: {m['max_per_device_batch']} "
                  f"({_gib(m['bytes_at_max'])} of {_gib(m['limit_bytes'])}, "
                  f"{(m['bytes_per_image'] or 0) / 2 ** 20:.1f} MiB/image){ran}")
+  if summary.get('nonfinite_loss'):
+    notes.append('WARNING: non-finite final loss in ' + ', '.join(summary['nonfinite_loss']))
   return '\n'.join(out + [''] + [f'- {n}' for n in notes])
 
 

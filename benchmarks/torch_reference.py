@@ -81,14 +81,26 @@ class NarrowTorchVGG(nn.Module):
     return self.classifier(torch.flatten(x, 1))
 
 
+def init_like_vggjax(model: nn.Module, std: float = 0.01) -> nn.Module:
+  """vggjax's default ('paper') init: weights N(0, std), biases 0. With torchvision's He init, VGG16 on
+  mean-subtracted 0-255 pixels (vggjax's input) overflows to a NaN loss; both frameworks then time the
+  same finite arithmetic."""
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, (nn.Conv2d, nn.Linear)):
+        m.weight.normal_(0.0, std)
+        m.bias.zero_()
+  return model
+
+
 def build_model(name: str, num_classes: int, width: float, fc_features: int, image_size: int) -> nn.Module:
   from vggjax import models
   name = models.canonical_name(name)
   if name.removesuffix('_bn') not in CFGS:
     raise SystemExit(f'the PyTorch reference has no {name} (it has {", ".join(CFGS)} and their _bn variants)')
   if width == 1.0 and fc_features in (0, 4096) and image_size == 224:
-    return TorchVGG(name, num_classes=num_classes)
-  return NarrowTorchVGG(name, num_classes, width, fc_features, image_size)
+    return init_like_vggjax(TorchVGG(name, num_classes=num_classes))
+  return init_like_vggjax(NarrowTorchVGG(name, num_classes, width, fc_features, image_size))
 
 
 def device_kind(device: torch.device) -> str:
