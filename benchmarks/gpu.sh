@@ -112,7 +112,7 @@ if [ "$MEMORY" = 1 ]; then
   for remat in "" --remat; do
     phase "vggjax largest batch ${remat:-no remat}" memory.jsonl 60 \
       env XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
-      "$PY" -m vggjax.benchmark "${NET[@]}" $remat --max-batch --verify "${MEM[@]}" --json
+      "$PY" -m vggjax.benchmark "${NET[@]}" $remat --max-batch --verify ${MEM[@]+"${MEM[@]}"} --json
   done
 fi
 echo "== total $((SECONDS - START)) s" | tee -a "$LOG"

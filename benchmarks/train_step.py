@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     if not vals:
       print(f'| {v} | - | failed | - | - | - | - | - | - |')
       continue
-    pairs = [(a, b) for a, b in zip(recs, results[reference]) if a and b]
+    pairs = [(a, b) for a, b in zip(recs, results[reference], strict=True) if a and b]
     ratio = f'{statistics.median(ips(a) / ips(b) for a, b in pairs):.2f}x' if pairs else '-'
     cpu_vals = [per_cpu_s(x) for x in recs if per_cpu_s(x)]
     cpu_pairs = [(per_cpu_s(a), per_cpu_s(b)) for a, b in pairs if per_cpu_s(a) and per_cpu_s(b)]

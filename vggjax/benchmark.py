@@ -34,7 +34,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform
@@ -353,7 +352,6 @@ def run_benchmark(opts: Options) -> dict:
       'xla_gflops_per_image': (xla_flops * n / opts.batch / 1e9) if xla_flops else None,
       'peak_memory_bytes': mem['peak_bytes'], 'memory_limit_bytes': mem['limit_bytes'],
       'compiled_memory': compiled_memory(compiled), 'final_loss': loss}
-  del compiled, step
 
   # --- dense eval step ---
   eval_size = default_eval_size(opts.image_size) if opts.eval_size is None else opts.eval_size
@@ -508,7 +506,7 @@ def _batches(text: str) -> list[int]:
   try:
     values = [int(v) for v in text.split(',') if v.strip()]
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--batch takes integers separated by commas, got {text!r}')
+    raise argparse.ArgumentTypeError(f'--batch takes integers separated by commas, got {text!r}') from None
   if not values or min(values) < 1:
     raise argparse.ArgumentTypeError(f'--batch must be positive, got {text!r}')
   return values
