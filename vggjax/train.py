@@ -22,20 +22,22 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vggjax import checkpoints, config_lib, models, optim, parallel
+from vggjax import checkpoints, models, optim, parallel
 from vggjax import logging as vlog
 from vggjax.preprocessing import Normalization, normalize, pca_lighting
+
+if TYPE_CHECKING:  # configs are ml_collections ConfigDicts; the step functions need no ml_collections
+  import ml_collections
 
 log = logging.getLogger('vggjax')
 FAULTS = {1: 'loss', 2: 'gradients', 3: 'update'}
@@ -320,7 +322,8 @@ class RunResult:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Trains (or resumes) the run in `workdir` and evaluates it as it goes. Returns the last metrics."""
-  from vggjax.data import pipeline  # the data layer (imported here: models/optim need none of it)
+  from vggjax import config_lib
+  from vggjax.data import pipeline  # the data layer (imported here: the step functions need none of it)
 
   config_lib.validate(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
