@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_steps = 0              # 0: num_epochs; otherwise stop after this many steps
   c.train.log_every_steps = 50
   c.train.eval_every_steps = 0       # 0: at the end of each epoch
-  c.train.checkpoint_every_steps = 1000  # also at each epoch end and at the end
+  c.train.checkpoint_every_steps = 1000  # also at the end (and at each epoch end, see below)
+  c.train.checkpoint_every_epoch = True  # a checkpoint at each epoch end too
   c.train.keep_checkpoints = 3
   c.train.nan_policy = 'stop'        # stop (keep the last good checkpoint) or skip (drop the step's update)
   c.train.plot = True                # WORKDIR/curves.png at the end

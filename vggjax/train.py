@@ -155,7 +155,8 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
         fault=jnp.where(first, fault_now, state.fault),
         fault_step=jnp.where(first, state.step, state.fault_step))
     metrics = {'loss': loss, 'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
-               'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32)}
+               'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32),
+               'fault': new_state.fault, 'fault_step': new_state.fault_step}
     return new_state, metrics
 
   rep = parallel.replicated(mesh)
@@ -393,35 +394,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   step, last_eval, preempted = start, None, False
   window: list[dict] = []
   t_log, step_log = time.time(), start
+  pending = None  # a logging window whose metrics are read once the next step is queued
+
+  def flush():
+    """Writes the pending window's row. Called after the next step is dispatched, so reading the metrics
+    waits only for the window's last step while the device already works on the next one: no bubble."""
+    nonlocal pending, t_log, step_log
+    if pending is None:
+      return
+    metrics, end, lr = pending
+    pending = None
+    host = parallel.to_host(metrics)
+    last = host[-1]
+    _raise_fault(int(last['fault']), int(last['fault_step']), t.nan_policy)
+    now = time.time()
+    row = {'step': end, 'epoch': end / steps_per_epoch, 'lr': lr,
+           'loss': float(np.mean([m['loss'] for m in host])),
+           'train_top1': float(np.mean([m['train_top1'] for m in host])),
+           'grad_norm': float(np.mean([m['grad_norm'] for m in host])),
+           'img_per_s': (end - step_log) * t.global_batch_size / max(now - t_log, 1e-9)}
+    skipped = int(sum(m['skipped'] for m in host))
+    if skipped:
+      row['skipped_steps'] = skipped
+    writer.write(row)
+    bar.update(end, epoch=round(row['epoch'], 2), loss=row['loss'], lr=lr,
+               **{'img/s': round(row['img_per_s'], 1)})
+    t_log, step_log = now, end
+
   try:
     while step < total_steps:
       batch = parallel.global_batch(next(it), mesh)
       lr = schedule.lr(step)
       state, metrics = train_step(state, batch, np.float32(lr))
       step += 1
+      flush()
       window.append(metrics)
       if step % t.log_every_steps == 0 or step == total_steps:
-        host = parallel.to_host(window)
-        _check_faults(state, t.nan_policy)
-        now = time.time()
-        row = {'step': step, 'epoch': step / steps_per_epoch, 'lr': lr,
-               'loss': float(np.mean([m['loss'] for m in host])),
-               'train_top1': float(np.mean([m['train_top1'] for m in host])),
-               'grad_norm': float(np.mean([m['grad_norm'] for m in host])),
-               'img_per_s': (step - step_log) * t.global_batch_size / max(now - t_log, 1e-9)}
-        skipped = int(sum(m['skipped'] for m in host))
-        if skipped:
-          row['skipped_steps'] = skipped
-        writer.write(row)
-        bar.update(step, epoch=round(row['epoch'], 2), loss=row['loss'], lr=lr,
-                   **{'img/s': round(row['img_per_s'], 1)})
-        window, t_log, step_log = [], time.time(), step
-      if step % eval_every == 0 or step == total_steps:
+        pending, window = (window, step, lr), []
+      evaluate_now = step % eval_every == 0 or step == total_steps
+      preempted = stop.requested(step, every=min(10, t.log_every_steps))
+      epoch_end = t.checkpoint_every_epoch and step % steps_per_epoch == 0
+      save_now = step % t.checkpoint_every_steps == 0 or epoch_end or step == total_steps or preempted
+      if evaluate_now or save_now:  # both wait for the device anyway
+        flush()
+      if evaluate_now:
         last_eval = run_eval(step)
         t_log = time.time()  # evaluation time is not training throughput
-      preempted = stop.requested(step, every=min(10, t.log_every_steps))
-      if step % t.checkpoint_every_steps == 0 or step % steps_per_epoch == 0 or step == total_steps \
-          or preempted:
+      if save_now:
         _check_faults(state, t.nan_policy)
         ckpt.save(step, state, it, host_state())
       if preempted:
@@ -439,6 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
 def _check_faults(state: TrainState, policy: str) -> None:
   fault, at = (int(x) for x in jax.device_get((state.fault, state.fault_step)))
+  _raise_fault(fault, at, policy)
+
+
+def _raise_fault(fault: int, at: int, policy: str) -> None:
   if fault and policy == 'stop':
     raise NonFiniteError(
         f'non-finite {FAULTS[fault]} at step {at} (the update of step {at} and later were not applied); '
