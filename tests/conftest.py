@@ -50,6 +50,18 @@ def real_photos() -> list[np.ndarray]:
   return photos
 
 
+def randomize_batch_norm(net) -> None:
+  """Random, non-trivial inference statistics and affine parameters for a torch net's BatchNorm2d layers."""
+  import torch
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+
+
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """Rescale the smaller side to `size` (Pillow bilinear) and take the central size x size crop."""
   from PIL import Image

@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import center_crop, subprocess_env  # noqa: E402
+from conftest import center_crop, randomize_batch_norm, subprocess_env  # noqa: E402
 from vggjax import checkpoints, convert, labels, models, weights  # noqa: E402
 from vggjax.preprocessing import normalize  # noqa: E402
 
@@ -165,13 +165,7 @@ def test_torchvision_bn_model_via_the_cli(crops, tmp_path):
     net = torchvision.models.vgg11_bn(weights=None).eval()
   except ImportError:
     net = TorchVGG('vgg11_bn').eval()
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.uniform_(-0.5, 0.5)
-        m.running_var.uniform_(0.5, 2.0)
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.2, 0.2)
+  randomize_batch_norm(net)
   torch.save(net.state_dict(), tmp_path / 'vgg11_bn.pth')
   out = tmp_path / 'vgg11_bn'
   result = subprocess.run(

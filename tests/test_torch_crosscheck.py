@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import center_crop
+from conftest import center_crop, randomize_batch_norm
 from vggjax import models, weights
 
 torch = pytest.importorskip('torch', reason='the torch extra is installed by .ci/run')
@@ -25,14 +25,8 @@ def photo_batch(real_photos):
 def test_logits_equal_pytorch(name, photo_batch):
   torch.manual_seed(0)
   net = TorchVGG(name).eval()
-  if name.endswith('_bn'):  # random, non-trivial inference statistics
-    with torch.no_grad():
-      for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-          m.running_mean.uniform_(-0.5, 0.5)
-          m.running_var.uniform_(0.5, 2.0)
-          m.weight.uniform_(0.5, 1.5)
-          m.bias.uniform_(-0.2, 0.2)
+  if name.endswith('_bn'):
+    randomize_batch_norm(net)
   with torch.no_grad():
     want = net(torch.from_numpy(photo_batch.transpose(0, 3, 1, 2).copy())).numpy()
   variables = weights.torch_to_variables(net.state_dict(), name)
