@@ -51,74 +51,12 @@ VARIANTS = {
     'vggjax_fastmath': ('vggjax', ['--dtype=float32'], {'XLA_FLAGS': '--xla_cpu_enable_fast_math=true'}),
     'vggjax_remat': ('vggjax', ['--dtype=float32', '--remat'], {}),
 }
-# Candidate changes to vggjax.models, measured by patching it in the benchmark's process (--patched NAME).
-# pool: the 2x2/2 max pool as a reshape and a max over the window axes, whose gradient is an elementwise
-#   select instead of XLA's select-and-scatter;
-# fc6dense: fc6 at the training size (its kernel spans the whole map) as one matrix product.
-PATCHED = {
-    'vggjax_pool': ('pool', ['--dtype=float32'], {}),
-    'vggjax_pool_bf16': ('pool', ['--dtype=bfloat16'], {}),
-    'vggjax_fc6dense': ('fc6dense', ['--dtype=float32'], {}),
-    'vggjax_pool_fc6dense': ('pool,fc6dense', ['--dtype=float32'], {}),
-    'vggjax_pool_ynn': ('pool', ['--dtype=float32'], {'XLA_FLAGS': YNN_CONV}),
-}
-for _name, (_patches, _extra, _env) in PATCHED.items():
-  VARIANTS[_name] = ('vggjax', _extra, _env)
 GROUPS = {
     'default': ['torch', 'torch_bf16', 'vggjax', 'vggjax_bf16', 'vggjax_ynn', 'vggjax_ynn_bf16'],
     'flags': ['torch', 'vggjax', 'vggjax_bf16', 'vggjax_ynn', 'vggjax_ynn_bf16', 'vggjax_ynn_dot',
               'vggjax_onednn', 'vggjax_xnn', 'vggjax_2dev', 'vggjax_2dev_1thread', 'vggjax_fastmath'],
     'remat': ['vggjax', 'vggjax_remat'],
-    'models': ['torch', 'vggjax', 'vggjax_pool', 'vggjax_fc6dense', 'vggjax_pool_fc6dense', 'vggjax_pool_bf16',
-               'vggjax_pool_ynn'],
 }
-
-
-def _nn_proxy():
-  """vggjax.models' `nn` (flax.linen) replaced by a module of the same names that a patch may change."""
-  import types
-  import flax.linen as nn
-  from vggjax import models
-  if models.nn is nn:
-    proxy = types.ModuleType('flax.linen (patched)')
-    proxy.__dict__.update({k: v for k, v in vars(nn).items() if not k.startswith('__')})
-    models.nn = proxy
-  return models.nn
-
-
-def _patch_pool() -> None:
-  import flax.linen as nn
-
-  def max_pool(x, window_shape, strides=None, padding='VALID'):
-    if tuple(window_shape) == (2, 2) and tuple(strides or window_shape) == (2, 2) and padding == 'VALID':
-      n, h, w, c = x.shape
-      x = x[:, :h // 2 * 2, :w // 2 * 2]
-      return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-    return nn.max_pool(x, window_shape, strides=strides, padding=padding)
-
-  _nn_proxy().max_pool = max_pool
-
-
-def _patch_fc6dense() -> None:
-  import flax.linen as nn
-  import jax.numpy as jnp
-
-  class Conv(nn.Conv):
-    @nn.compact
-    def __call__(self, x):
-      k = tuple(self.kernel_size)
-      if self.padding != 'VALID' or tuple(x.shape[1:3]) != k or k == (1, 1):
-        return super().__call__(x)
-      kernel = self.param('kernel', self.kernel_init, k + (x.shape[-1], self.features), self.param_dtype)
-      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-      y = jnp.dot(x.reshape(x.shape[0], -1).astype(self.dtype),
-                  kernel.reshape(-1, self.features).astype(self.dtype))
-      return (y + bias.astype(self.dtype)).reshape(x.shape[0], 1, 1, self.features)
-
-  _nn_proxy().Conv = Conv
-
-
-PATCHES = {'pool': _patch_pool, 'fc6dense': _patch_fc6dense}
 
 
 def command(variant: str, net: list[str], steps: list[str], pin: bool = False) -> tuple[list[str], dict]:
@@ -129,11 +67,6 @@ def command(variant: str, net: list[str], steps: list[str], pin: bool = False) -
     cmd = [sys.executable, str(REPO / 'benchmarks' / 'torch_reference.py'), '--device=cpu']
     if pin:
       cmd.append('--threads=1')
-  elif variant in PATCHED:
-    cmd = [sys.executable, str(REPO / 'benchmarks' / 'train_step.py'), '--patched', PATCHED[variant][0],
-           '--eval-size=0']
-    if pin:
-      env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
   else:
     cmd = [sys.executable, '-m', 'vggjax.benchmark', '--eval-size=0']
     if pin:
@@ -175,13 +108,6 @@ def per_cpu_s(rec: dict | None) -> float | None:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ['--patched']:  # vggjax.benchmark with candidate model changes applied
-    if str(REPO) not in sys.path:
-      sys.path.insert(0, str(REPO))
-    for name in argv[1].split(','):
-      PATCHES[name]()
-    from vggjax import benchmark
-    return benchmark.main(argv[2:])
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--net', choices=sorted(NETS), default='vgg16')
   p.add_argument('--variants', default='default',
