@@ -11,6 +11,7 @@ import ml_collections
 from etils import epath
 
 from vggjax import models, optim
+from vggjax.data.pipeline import eval_scale  # noqa: F401  (one definition: the data layer's)
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
 DTYPES = ('float32', 'bfloat16')
@@ -83,13 +84,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad = [n for n in config.init_layers if n not in models.layer_names(m.name) and not n.startswith('bn')]
     _check(not bad, 'init_layers', tuple(config.init_layers),
            f'layer names of {m.name}: {", ".join(models.layer_names(m.name))}')
-
-
-def eval_scale(data_cfg) -> int:
-  """Q for single-scale validation: the fixed S, or (Smin + Smax) / 2 for a jittered S (paper, 4.1)."""
-  if data_cfg.eval_scale:
-    return int(data_cfg.eval_scale)
-  return int((data_cfg.scale_min + data_cfg.scale_max) // 2)
 
 
 def resolve(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:

@@ -70,31 +70,18 @@ import json
 import logging
 import math
 import os
-import pathlib
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config_roots(argv) -> None:
-  """Config files import their base as `from configs import default`: put each one's root on sys.path."""
-  roots = [REPO]
-  for arg in argv:
-    if arg.startswith('--config=') and (arg.endswith('.py') or '.py:' in arg):
-      roots.append(pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve().parent.parent)
-  for root in roots:
-    if (root / 'configs').is_dir() and str(root) not in sys.path:
-      sys.path.insert(0, str(root))
-
+from vggjax import cli
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  _config_roots(sys.argv)
+  cli.add_config_roots(sys.argv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -897,27 +884,14 @@ def _load_config(config, workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax (a line per file read) unless --verbosity >= 1."""
-
-  def filter(self, record) -> bool:
-    from absl import logging as absl_logging
-    if record.levelno >= 30 or absl_logging.get_verbosity() >= 1:
-      return True
-    path = record.pathname.replace('\\', '/')
-    return '/orbax/' not in path and '/grain/' not in path and '/etils/' not in path
-
-
 def main(argv, flag_holders) -> None:
   from absl import app
   from absl import logging as absl_logging
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_libraries()
   f = {k: v.value for k, v in flag_holders.items()}
-  num_cpu = f['num_cpu_devices'] or int(os.environ.get('VGGJAX_NUM_CPU_DEVICES', '0') or 0)
-  if num_cpu:
-    jax.config.update('jax_num_cpu_devices', num_cpu)
+  cli.set_cpu_devices(f['num_cpu_devices'])
   parallel.initialize(f['coordinator_address'], f['num_processes'], f['process_id'])
   if jax.process_index() != 0:
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -13,7 +13,6 @@ else touches the devices.
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 # Set up before JAX initialises a backend: quiet TensorFlow (if something imports it), a number of virtual
@@ -21,23 +20,10 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / 'configs' / 'demo.py'
+from vggjax import cli  # noqa: E402  (light: nothing of JAX yet)
 
-
-def _config_roots(argv) -> None:
-  """Config files import their base as `from configs import default`: put each one's root on sys.path."""
-  roots = [REPO]
-  for arg in argv:
-    if arg.startswith('--config=') and arg.endswith('.py') or (arg.startswith('--config=') and '.py:' in arg):
-      path = pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve()
-      roots.append(path.parent.parent)
-  for root in roots:
-    if (root / 'configs').is_dir() and str(root) not in sys.path:
-      sys.path.insert(0, str(root))
-
-
-_config_roots(sys.argv)
+DEMO_CONFIG = cli.REPO / 'configs' / 'demo.py'
+cli.add_config_roots(sys.argv)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -55,23 +41,11 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', 0,
 flags.mark_flags_as_required(['workdir'])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of Orbax and Grain (a line per checkpoint file) unless --verbosity >= 1."""
-
-  def filter(self, record) -> bool:
-    if record.levelno >= 30 or logging.get_verbosity() >= 1:
-      return True
-    path = record.pathname.replace('\\', '/')
-    return '/orbax/' not in path and '/grain/' not in path and '/etils/' not in path
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  num_cpu = _NUM_CPU_DEVICES.value or int(os.environ.get('VGGJAX_NUM_CPU_DEVICES', '0') or 0)
-  if num_cpu:
-    jax.config.update('jax_num_cpu_devices', num_cpu)
+  cli.quiet_libraries()
+  cli.set_cpu_devices(_NUM_CPU_DEVICES.value)
   from vggjax import config_lib, parallel, train  # after flags: nothing has touched a device yet
 
   config = _CONFIG.value

@@ -33,18 +33,7 @@ import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _config_roots(argv) -> None:
-  """Config files import their base as `from configs import default`: put each one's root on sys.path."""
-  roots = [REPO]
-  for arg in argv:
-    if arg.startswith('--config=') and '.py' in arg:
-      roots.append(pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve().parent.parent)
-  for root in roots:
-    if (root / 'configs').is_dir() and str(root) not in sys.path:
-      sys.path.insert(0, str(root))
+from vggjax import cli
 
 
 class RgbMoments:
@@ -190,11 +179,11 @@ def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None
 
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
-  _config_roots(argv)
+  cli.add_config_roots(argv)
   from absl import app, flags
   from ml_collections import config_flags
 
-  config = config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'default.py'),
+  config = config_flags.DEFINE_config_file('config', str(cli.REPO / 'configs' / 'default.py'),
                                            'stats: a config file; override fields with --config.FIELD=VALUE')
   num_images = flags.DEFINE_integer('num_images', 0, 'stats: images sampled (0: the whole training split)')
   num_threads = flags.DEFINE_integer('num_threads', 4, 'stats: decoding threads')
