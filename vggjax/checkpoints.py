@@ -129,13 +129,8 @@ def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('pa
   want = {c: shapes[c] for c in collections if c in shapes}
   as_numpy = lambda t: jax.tree_util.tree_map(  # noqa: E731
       lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), t)
-  if kind == 'weights':
-    ckptr = ocp.PyTreeCheckpointer()
-    restored = ckptr.restore(directory / 'variables', args=ocp.args.PyTreeRestore(
-        item=want, restore_args=as_numpy(want), partial_restore=True))
-  else:
-    ckptr = ocp.PyTreeCheckpointer()
-    restored = ckptr.restore(directory / CHECKPOINT_DIR / str(step) / 'state', args=ocp.args.PyTreeRestore(
-        item=want, restore_args=as_numpy(want), partial_restore=True))
+  source = directory / 'variables' if kind == 'weights' else directory / CHECKPOINT_DIR / str(step) / 'state'
+  restored = ocp.PyTreeCheckpointer().restore(source, args=ocp.args.PyTreeRestore(
+      item=want, restore_args=as_numpy(want), partial_restore=True))
   logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
   return dict(restored), meta
