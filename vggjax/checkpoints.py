@@ -1,4 +1,4 @@
-"""Orbax checkpoints (DESIGN.md decision 6).
+"""Orbax checkpoints (docs/design.md, decision 6).
 
 Two kinds of directory hold weights, and ``load_weights`` reads both:
 

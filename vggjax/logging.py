@@ -1,4 +1,4 @@
-"""What a person sees of a run (DESIGN.md decision 8): a progress bar on the console, WORKDIR/metrics.jsonl,
+"""What a person sees of a run (docs/design.md, decision 8): a progress bar on the console, WORKDIR/metrics.jsonl,
 TensorBoard event files and a PNG of the curves. Only process 0 writes; the others get disabled writers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data parallelism over every device of every process (DESIGN.md decision 3).
+"""Data parallelism over every device of every process (docs/design.md, decision 3).
 
 One Mesh with a single 'data' axis over all devices, ordered by (process, device id), so that process p's
 devices hold the p-th contiguous slice of the global batch: exactly the slice the input pipeline gives

@@ -1,4 +1,4 @@
-"""Device-side preprocessing (DESIGN.md decision 4): the host ships uint8, the jitted step does arithmetic.
+"""Device-side preprocessing (docs/design.md, decision 4): the host ships uint8, the jitted step does arithmetic.
 
 * ``Normalization``: what turns uint8 RGB pixels into the network's input. The paper subtracts the mean RGB
   of the training set (0-255 scale); torchvision's weights expect [0, 1] with mean/std; Keras' and Caffe's

@@ -6,7 +6,7 @@ train_and_evaluate); main.py only parses flags and calls train_and_evaluate.
 * The train state is a pytree (TrainState), initialised by a jitted init straight into its replicated
   sharding (no host copy first), donated to every step.
 * The step takes uint8 images sharded on 'data'; the cast, AlexNet's colour shift and the mean subtraction
-  run inside it (DESIGN.md decision 4). Its randomness is fold_in(rng, step): a resumed run repeats it.
+  run inside it (docs/design.md, decision 4). Its randomness is fold_in(rng, step): a resumed run repeats it.
 * The learning rate is an argument (no recompilation when a schedule changes it).
 * A non-finite loss, gradient or update never reaches the parameters: that step's update is dropped and the
   first fault's step and kind are kept in the state; the host reads them at each log step and stops
@@ -192,17 +192,69 @@ def evaluate(eval_step: Callable, variables: dict, batches, mesh) -> dict:
           'val_loss': float(total['loss']) / n, 'val_count': int(n)}
 
 
-def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization | None = None) -> TrainState:
-  """Copies the named layers from another run's (or a weights directory's) parameters; the rest stay fresh.
-  The paper's default: conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of net A into B-E."""
+def parse_init_layers(spec) -> str | tuple[str, ...]:
+  """config.init_layers: 'paper' (the paper's warm start of B-E from A: conv1_1, conv2_1, conv3_1, conv3_2,
+  fc6, fc7, fc8), 'all' (every layer whose name and shape match), or layer names ('conv1_1,fc6' or a
+  sequence). Returns 'all' or a tuple of names."""
+  if isinstance(spec, str):
+    key = spec.strip().strip('()[]').strip('\'"').strip()
+    if key in ('all', 'paper'):
+      return 'all' if key == 'all' else models.WARM_START_LAYERS
+    spec = spec.strip().strip('()[]').split(',')
+  names = tuple(n.strip().strip('\'"').strip() for item in spec for n in str(item).split(','))
+  names = tuple(n for n in names if n)
+  if names in (('all',), ('paper',)):
+    return parse_init_layers(names[0])
+  if not names:
+    raise ValueError("init_layers is empty: use 'paper', 'all' or layer names")
+  return names
+
+
+def _matching_layers(src: dict, params: dict, stats: dict) -> tuple[list[str], list[str]]:
+  """init_layers='all': (layers whose every variable matches by name and shape, [why each other is fresh])."""
+  copied, fresh = [], []
+  for layer in list(params) + [s for s in stats if s not in params]:
+    own = {**params.get(layer, {}), **stats.get(layer, {})}
+    theirs = {**src.get('params', {}).get(layer, {}), **src.get('batch_stats', {}).get(layer, {})}
+    if not theirs:
+      fresh.append(f'{layer} (not in the source)')
+    elif set(theirs) != set(own):
+      fresh.append(f'{layer} (variables {sorted(theirs)} there, {sorted(own)} here)')
+    elif any(tuple(np.shape(theirs[k])) != tuple(np.shape(own[k])) for k in own):
+      k = next(k for k in own if tuple(np.shape(theirs[k])) != tuple(np.shape(own[k])))
+      fresh.append(f'{layer} ({k} {tuple(np.shape(theirs[k]))} there, {tuple(np.shape(own[k]))} here)')
+    else:
+      copied.append(layer)
+  return copied, fresh
+
+
+def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization | None = None,
+               model_name: str | None = None) -> TrainState:
+  """Copies layers from another run's (or a weights directory's) parameters; the rest stay fresh.
+
+  ``layers`` (config.init_layers): 'paper' (default: conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of
+  net A into B-E, paper 3.1), 'all' (every layer whose name and shape match: the S=384 net from the S=256
+  net, multi-scale from S=384, transfer to another number of classes keeps its new fc8), or layer names
+  (each must exist in both with the same shape)."""
+  layers = parse_init_layers(layers)
   src, meta = checkpoints.load_weights(source)
   src_norm = checkpoints.normalization_from_meta(meta)
+  src_name = (meta.get('model') or {}).get('name')
   if norm is not None and not src_norm.equivalent(norm):
     log.warning('warm start: %s was trained on inputs normalised as %s, this run feeds %s; set '
                 'config.data.mean_rgb/std_rgb/color_order to match unless that is intended', source,
                 src_norm, norm)
   params = flax.core.unfreeze(jax.device_get(state.params))
   stats = flax.core.unfreeze(jax.device_get(state.batch_stats)) if state.batch_stats else {}
+  fresh: list[str] = []
+  if layers == 'all':
+    layers, fresh = _matching_layers(src, params, stats)
+    if not layers:
+      raise ValueError(f'warm start: no layer of {source} matches this model by name and shape ({"; ".join(fresh)})')
+    if model_name and src_name and models.canonical_name(src_name) != models.canonical_name(model_name):
+      log.warning("warm start: init_layers='all' from %s into %s copies %d layers by name and shape; the "
+                  "paper's warm start of a deeper net from A copies only %s (init_layers='paper')",
+                  src_name, model_name, len(layers), ', '.join(models.WARM_START_LAYERS))
   for layer in layers:
     if layer not in params and layer not in stats:
       raise ValueError(f'warm start: layer {layer} is not in this model ({", ".join(params)})')
@@ -217,7 +269,8 @@ def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization
         target[layer][name] = np.asarray(value, target[layer][name].dtype)
     if not found:
       raise ValueError(f'warm start: layer {layer} is not in {source} ({", ".join(src["params"])})')
-  log.info('warm start from %s (%s): copied %s', source, meta.get('model', {}).get('name'), ', '.join(layers))
+  log.info('warm start from %s (%s): copied %d layers: %s%s', source, src_name, len(layers), ', '.join(layers),
+           f'; fresh: {", ".join(fresh)}' if fresh else '')
   rep = parallel.replicated(mesh)
   return state.replace(params=jax.device_put(params, rep),
                        batch_stats=jax.device_put(stats, rep) if stats else state.batch_stats)

@@ -1,4 +1,4 @@
-"""The input pipeline: deterministic, per-process, resumable batches of uint8 crops (DESIGN.md 4 and 5).
+"""The input pipeline: deterministic, per-process, resumable batches of uint8 crops (docs/design.md, 4 and 5).
 
     info = pipeline.dataset_info(data_cfg)
     it = pipeline.train_iterator(data_cfg, global_batch_size=256, seed=0, process_index=p, process_count=P)

@@ -1,7 +1,7 @@
 """Host-side image transforms: decode, isotropic rescale, crops and flips (paper sections 3.1 and 3.2).
 
 Everything here works on uint8 RGB arrays (H, W, 3) and returns uint8: the cast, the mean subtraction and the
-PCA colour shift run on the device (``vggjax.preprocessing``, DESIGN.md decision 4).
+PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, decision 4).
 
 Semantics, exactly:
 
