@@ -33,17 +33,21 @@ COMBINE = ('average', 'stack')
 PAPER_SCALES = (256, 384, 512)
 
 
-def _descriptor_fn(model, norm: Normalization) -> Callable:
+def _descriptor_fn(model, norm: Normalization, flip: bool = True) -> Callable:
+  """The jitted (variables, uint8 images) -> fc7 averaged over the map (and with the flipped image's)."""
   def descriptor(variables, images):
     x = normalize(images, norm)
     d = jnp.mean(model.apply(variables, x, method='fc7_map'), axis=(1, 2))
+    if not flip:
+      return d
     flipped = jnp.mean(model.apply(variables, x[:, :, ::-1], method='fc7_map'), axis=(1, 2))
     return (d + flipped) / 2
   return jax.jit(descriptor)
 
 
 def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[int] = PAPER_SCALES,
-            combine: str = 'average', *, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+            combine: str = 'average', *, batch_size: int = 8, progress: bool = False, flip: bool = True
+            ) -> np.ndarray:
   """L2-normalised fc7 descriptors (N, D) of images (uint8 RGB arrays or paths): D = fc7's width for
   'average', len(scales) times that for 'stack'.
 
@@ -54,6 +58,7 @@ def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[
     combine: 'average' or 'stack' the per-scale descriptors.
     batch_size: images of equal size per forward pass.
     progress: show a progress bar on stderr.
+    flip: average with the horizontally flipped image's descriptor (the paper's; False: the image alone).
   """
   if combine not in COMBINE:
     raise ValueError(f'unknown combine {combine!r}; valid: {", ".join(COMBINE)}')
@@ -61,7 +66,7 @@ def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[
   scales = [int(q) for q in scales]
   if not scales or min(scales) < model.image_size:
     raise ValueError(f'scales {scales} must be given and at least the training size {model.image_size}')
-  fn = _descriptor_fn(model, checkpoints.normalization_from_meta(meta))
+  fn = _descriptor_fn(model, checkpoints.normalization_from_meta(meta), flip)
   variables = jax.device_put(variables)
   images = list(images)
   bar = progress_bar(len(images) * len(scales), 'features', progress)
