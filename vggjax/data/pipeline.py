@@ -345,6 +345,10 @@ class EvalIterator:
 def train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1) -> TrainIterator:
   """An infinite, resumable iterator of this process' training batches (module docstring: the layout)."""
+  from vggjax.data import boxes_source
+  if boxes_source.has_boxes(data_cfg):  # localisation: the same batches plus each crop's box
+    return boxes_source.train_iterator(data_cfg, global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
   return TrainIterator(data_cfg, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
                        process_count=process_count)
 
@@ -352,5 +356,10 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index
 def eval_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
                   scale: Optional[int] = None, split: Optional[str] = None) -> EvalIterator:
   """Padded, masked evaluation batches of data_cfg.eval_split (or `split`) at scale Q (None: eval_scale)."""
+  from vggjax.data import boxes_source
+  if boxes_source.has_boxes(data_cfg):  # localisation: the same batches plus each crop's box
+    return boxes_source.eval_iterator(data_cfg, global_batch_size=global_batch_size,
+                                      process_index=process_index, process_count=process_count, scale=scale,
+                                      split=split)
   return EvalIterator(data_cfg, global_batch_size=global_batch_size, process_index=process_index,
                       process_count=process_count, scale=scale, split=split)
