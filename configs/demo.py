@@ -7,7 +7,7 @@ it trains without a warm start; N(0, 0.01) leaves this narrow net at chance). No
 mirror-symmetric) and no colour shift (grey images).
 """
 
-from configs import default
+from vggjax.configs import default
 
 
 def get_config():

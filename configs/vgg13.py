@@ -3,7 +3,7 @@
     python -m vggjax.main --config=configs/vgg13.py[:256|384|jitter] --workdir=DIR [--config.init_from=A_RUN]
 """
 
-from configs import common, default
+from vggjax.configs import common, default
 
 
 def get_config(scale: str | None = None):

@@ -9,14 +9,68 @@ import pathlib
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The shipped configs: the repository's top-level configs/ in a checkout (vggjax/configs links to it), a
+# directory of the vggjax package in a wheel (never a top-level `configs` module, which would collide with
+# users' own). Config files import their base as `from vggjax.configs import default`.
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+
+
+class ConfigNotFound(ValueError):
+  """A --config names no file in the working directory and no installed config."""
+
+
+def installed_configs() -> list[str]:
+  """The names of the shipped configs (demo, vgg11, ..., vgg19)."""
+  return sorted(p.stem for p in CONFIG_DIR.glob('*.py') if not p.stem.startswith('_') and p.stem != 'common')
+
+
+def config_file(name: str = 'demo') -> pathlib.Path:
+  """The path of a shipped config file by its name."""
+  return CONFIG_DIR / f'{name}.py'
+
+
+def resolve_config(spec: str) -> str:
+  """A --config value PATH[:ARG] as a file config_flags can load: PATH relative to the working directory (or
+  absolute) first, then among the installed configs, where `configs/vgg16.py`, `vgg16.py` and `vgg16` all
+  name the shipped vgg16 config. ARG (`:jitter`, `:384`) is kept."""
+  path, sep, arg = spec.partition(':')
+  if not path or os.path.exists(path):
+    return spec
+  name = path[len('configs/'):] if path.startswith(('configs/', 'configs' + os.sep)) else path
+  name = name[:-3] if name.endswith('.py') else name
+  if name and '/' not in name and os.sep not in name and config_file(name).is_file():
+    return f'{config_file(name)}{sep}{arg}'
+  raise ConfigNotFound(f'--config={spec}: {path} is neither a file (relative to {os.getcwd()}) nor an installed '
+                       f'config ({", ".join(installed_configs())}; e.g. --config=vgg16:jitter)')
+
+
+def resolve_config_args(argv: list[str]) -> None:
+  """Rewrites --config=PATH[:ARG] (or --config PATH[:ARG]) in `argv`, in place, to a loadable file
+  (resolve_config). A config that cannot be found exits with status 2 and a message naming what exists."""
+  for i, arg in enumerate(argv):
+    if i == 0:
+      continue
+    try:
+      if arg.startswith('--config='):
+        argv[i] = '--config=' + resolve_config(arg.split('=', 1)[1])
+      elif arg == '--config' and i + 1 < len(argv):
+        argv[i + 1] = resolve_config(argv[i + 1])
+    except ConfigNotFound as e:
+      sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
+      sys.exit(2)
 
 
 def add_config_roots(argv) -> None:
-  """Config files import their base as `from configs import default`: put each one's root on sys.path."""
+  """Resolves --config (resolve_config_args), then puts the root of each config directory on sys.path, so
+  that config files of one's own that import their base as `from configs import base` keep working."""
+  if isinstance(argv, list):
+    resolve_config_args(argv)
   roots = [REPO]
   for arg in argv:
     if arg.startswith('--config=') and (arg.endswith('.py') or '.py:' in arg):
-      roots.append(pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve().parent.parent)
+      directory = pathlib.Path(arg.split('=', 1)[1].split(':', 1)[0]).resolve().parent
+      if directory != CONFIG_DIR.resolve():  # the shipped configs import vggjax.configs (and their root
+        roots.append(directory.parent)       # may be the vggjax package itself, never a sys.path entry)
   for root in roots:
     if (root / 'configs').is_dir() and str(root) not in sys.path:
       sys.path.insert(0, str(root))
@@ -46,3 +100,50 @@ def set_cpu_devices(num_cpu_devices: int = 0) -> None:
   if n:
     import jax
     jax.config.update('jax_num_cpu_devices', n)
+
+
+# The `vggjax` command (and `python -m vggjax`): one command, a subcommand per module's command line.
+COMMANDS = {
+    'train': ('vggjax.main', 'train (or resume) a run: --workdir=DIR [--config=vgg16:jitter]'),
+    'evaluate': ('vggjax.evaluate', 'the paper\'s evaluation protocols: --workdir=DIR [--checkpoint=...]'),
+    'predict': ('vggjax.predict', 'top-5 classes of images: --checkpoint=DIR IMAGE...'),
+    'features': ('vggjax.features', 'Appendix B descriptors: --checkpoint=DIR --out=FILE.npz IMAGE...'),
+    'convert': ('vggjax.convert', 'import published weights: --from=torchvision|keras --src=FILE --out=DIR'),
+    'prepare': ('vggjax.data.prepare', 'dataset statistics or array_record conversion: stats|convert'),
+    'benchmark': ('vggjax.benchmark', 'time the train and eval steps on the available devices'),
+}
+
+
+def usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = [f'  {name.ljust(width)}  {text}' for name, (_, text) in COMMANDS.items()]
+  return ('usage: vggjax COMMAND [flags]   (vggjax COMMAND --help for its flags)\n\ncommands:\n' +
+          '\n'.join(lines) + f'\n\ninstalled configs (--config=NAME[:ARG]): {", ".join(installed_configs())}\n')
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`vggjax train --workdir=DIR` is `python -m vggjax.main --workdir=DIR`, and so on for every command."""
+  import importlib
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    sys.stdout.write(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    sys.stderr.write(f'vggjax: unknown command {command!r}; one of {", ".join(COMMANDS)}\n\n{usage()}')
+    sys.exit(2)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  sys.argv = [f'vggjax {command}', *argv[2:]]
+  add_config_roots(sys.argv)
+  module = importlib.import_module(COMMANDS[command][0])
+  if command == 'prepare':
+    module.main(sys.argv)
+  elif command == 'benchmark':
+    sys.exit(module.main(sys.argv[1:]))
+  elif hasattr(module, 'run'):
+    module.run()
+  else:
+    from absl import app
+    module._define_flags()
+    app.run(module.main)

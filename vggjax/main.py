@@ -22,7 +22,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from vggjax import cli  # noqa: E402  (light: nothing of JAX yet)
 
-DEMO_CONFIG = cli.REPO / 'configs' / 'demo.py'
+DEMO_CONFIG = cli.config_file('demo')
 cli.add_config_roots(sys.argv)
 
 import jax  # noqa: E402
@@ -30,7 +30,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', str(DEMO_CONFIG), 'A config file (configs/*.py[:arg]); the built-in demo if not given. '
+    'config', str(DEMO_CONFIG), 'A config file PATH[:ARG] (relative to the working directory, '
+    'else an installed config: configs/vgg16.py:jitter or vgg16:jitter); the built-in demo if not given. '
     'Override fields with --config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory: config, metrics, checkpoints, plots.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-process runs).')

@@ -183,7 +183,7 @@ def main(argv=None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  config = config_flags.DEFINE_config_file('config', str(cli.REPO / 'configs' / 'default.py'),
+  config = config_flags.DEFINE_config_file('config', str(cli.config_file('default')),
                                            'stats: a config file; override fields with --config.FIELD=VALUE')
   num_images = flags.DEFINE_integer('num_images', 0, 'stats: images sampled (0: the whole training split)')
   num_threads = flags.DEFINE_integer('num_threads', 4, 'stats: decoding threads')
