@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from vggjax import models
 
@@ -24,9 +25,28 @@ def test_param_count_matches_table2(letter):
   assert round(models.param_count(letter) / 1e6) == TABLE2_MILLIONS[letter]
 
 
+# Table 1: weight layers per configuration, and per conv block.
+TABLE1_BLOCKS = {'A': (1, 1, 2, 2, 2), 'B': (2, 2, 2, 2, 2), 'C': (2, 2, 3, 3, 3), 'D': (2, 2, 3, 3, 3),
+                 'E': (2, 2, 4, 4, 4)}
+
+
 def test_every_name_builds_and_unknown_name_lists_valid_ones():
+  letters = {'vgg11': 'A', 'vgg11_lrn': 'A', 'vgg13': 'B', 'vgg16_c': 'C', 'vgg16': 'D', 'vgg19': 'E'}
   for name in models.MODEL_NAMES:
-    assert isinstance(models.get_model(name), models.VGG)
+    model = models.get_model(name, width=1 / 16, fc_features=16, num_classes=3, image_size=32)
+    canonical = models.canonical_name(name)
+    blocks = TABLE1_BLOCKS[letters[canonical.replace('_bn', '')]]
+    assert isinstance(model, models.VGG)
+    assert tuple(len(stage) for stage in model.stages) == blocks, name
+    assert model.lrn == (canonical == 'vgg11_lrn') and model.batch_norm == canonical.endswith('_bn'), name
+    shapes = models.variable_shapes(model)
+    weight_layers = [k for k in shapes['params'] if not k.startswith('bn')]
+    assert weight_layers == models.layer_names(name)
+    assert len(weight_layers) == sum(blocks) + 3 == int(canonical[3:5]), name
+    bn = {n.replace('conv', 'bn') for n in models.conv_layer_names(name)} if model.batch_norm else set()
+    assert set(shapes.get('batch_stats', {})) == bn and set(shapes['params']) - set(weight_layers) == bn
+    assert shapes['params']['fc8']['kernel'].shape == (1, 1, 16, 3)
+  assert models.canonical_name('a-lrn') == 'vgg11_lrn' and models.canonical_name('D') == 'vgg16'
   with pytest.raises(ValueError, match='vgg16_c') as e:
     models.get_model('vgg17')
   assert "'vgg17'" in str(e.value) and 'A-LRN' in str(e.value)
@@ -53,6 +73,55 @@ def test_caffe_layer_names_and_config_c_has_1x1_convs():
 def test_fc6_spans_final_map_at_training_size():
   shapes = models.variable_shapes(models.get_model('vgg11', image_size=32, width=0.25, num_classes=10))
   assert shapes['params']['fc6']['kernel'].shape == (1, 1, 128, 1024)
+
+
+def _fc6_torch_reference(pool5: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+  """fc6 as PyTorch's VGG computes it: the NCHW map flattened (channel-major) times a (out, C*kh*kw)
+  weight. The HWIO kernel becomes that weight as weight conversion does (O, I, H, W), then flattened."""
+  n = pool5.shape[0]
+  weight = kernel.transpose(3, 2, 0, 1).reshape(kernel.shape[-1], -1)
+  return pool5.transpose(0, 3, 1, 2).reshape(n, -1) @ weight.T + bias
+
+
+def test_fc6_at_the_training_size_is_pytorchs_linear_layer():
+  """At the training size fc6 is one matmul (not the conv path): it must flatten as PyTorch's Linear does,
+  and equal the convolution it replaces in values and gradients; the dense path agrees window by window."""
+  shapes = models.variable_shapes(models.get_model('vgg11', width=1 / 16, fc_features=24, image_size=96))
+  assert shapes['params']['fc6']['kernel'].shape == (3, 3, 32, 24)  # spans the 3x3 pool5 map at 96
+  rng = np.random.RandomState(0)
+  pool5 = rng.randn(2, 3, 3, 32).astype(np.float32)
+  kernel = (rng.randn(3, 3, 32, 24) / 17).astype(np.float32)
+  bias = rng.randn(24).astype(np.float32)
+  fc6 = models._FC6(24, (3, 3), padding='VALID')
+  fc6_vars = {'params': {'kernel': kernel, 'bias': bias}}
+  got = np.asarray(fc6.apply(fc6_vars, pool5))[:, 0, 0]
+  np.testing.assert_allclose(got, _fc6_torch_reference(pool5, kernel, bias), rtol=1e-5, atol=1e-5)
+  # The matmul path equals flax's VALID convolution with the same kernel, forward and backward.
+  conv = nn.Conv(24, (3, 3), padding='VALID')
+  loss = lambda module: lambda v, y: jnp.sum(jnp.sin(module.apply(v, y)))  # noqa: E731
+  (gv, gx), (cv, cx) = (jax.grad(loss(m), argnums=(0, 1))(fc6_vars, pool5) for m in (fc6, conv))
+  for a, b in ((gv['params']['kernel'], cv['params']['kernel']), (gv['params']['bias'], cv['params']['bias']),
+               (gx, cx)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # Dense: on a larger map every cell of fc6 is the FC layer on its 3x3 window.
+  big = jnp.asarray(rng.randn(1, 5, 4, 32), jnp.float32)
+  dense = np.asarray(fc6.apply(fc6_vars, big))
+  assert dense.shape == (1, 3, 2, 24)
+  for i in range(3):
+    for j in range(2):
+      window = np.asarray(big[:, i:i + 3, j:j + 3])
+      np.testing.assert_allclose(dense[:, i, j], _fc6_torch_reference(window, kernel, bias),
+                                 rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_equals_flax_max_pool_values_and_gradients():
+  """The reshape-and-max pool against XLA's reduce_window pool (BENCHMARKS.md: gradients differ by 0)."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 7, 6, 5), jnp.float32)  # odd: the last row is dropped
+  ref = lambda y: nn.max_pool(y, (2, 2), strides=(2, 2), padding='VALID')  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(models.max_pool_2x2(x)), np.asarray(ref(x)))
+  weights = jnp.asarray(np.random.RandomState(1).randn(2, 3, 3, 5), jnp.float32)
+  grad = lambda f: jax.grad(lambda y: jnp.sum(f(y) * weights))(x)  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(grad(models.max_pool_2x2)), np.asarray(grad(ref)))
 
 
 def test_lrn_matches_krizhevsky_formula():
