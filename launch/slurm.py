@@ -51,6 +51,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--gpus-per-node', type=int, default=8, help='GPUs per node (default 8; 0: CPU nodes)')
   p.add_argument('--per', choices=('node', 'gpu'), default='node',
                  help='one process per node with all its GPUs (default), or one process per GPU')
+  p.add_argument('--processes-per-node', type=int, default=0,
+                 help='CPU nodes (--gpus-per-node=0) only: processes per node (default 1)')
+  p.add_argument('--cpu-devices-per-node', type=int, default=0,
+                 help='CPU nodes only: virtual CPU devices per node, an equal share for each of its processes '
+                      '(VGGJAX_NUM_CPU_DEVICES; default: the environment\'s, else one per process)')
   p.add_argument('--job-name', default='', help='default: vggjax-BASENAME(WORKDIR)')
   p.add_argument('--partition', default='')
   p.add_argument('--account', default='')
@@ -86,6 +91,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     errors.append(f'--gpus-per-node must be >= 0, not {args.gpus_per_node}')
   if args.per == 'gpu' and args.gpus_per_node < 1:
     errors.append('--per=gpu needs --gpus-per-node >= 1')
+  if args.processes_per_node < 0 or args.cpu_devices_per_node < 0:
+    errors.append('--processes-per-node and --cpu-devices-per-node must be >= 0, not '
+                  f'{args.processes_per_node} and {args.cpu_devices_per_node}')
+  elif args.gpus_per_node and (args.processes_per_node or args.cpu_devices_per_node):
+    errors.append('--processes-per-node and --cpu-devices-per-node are for CPU nodes (--gpus-per-node=0); '
+                  'on GPU nodes --per=node|gpu chooses the processes')
+  elif args.cpu_devices_per_node % (args.processes_per_node or 1):
+    errors.append(f'--cpu-devices-per-node={args.cpu_devices_per_node} must be a multiple of '
+                  f'--processes-per-node={args.processes_per_node}')
   for o in overrides:
     if not o.startswith('--'):
       errors.append(f'training overrides look like --config.FIELD=VALUE, not {o!r}')
@@ -116,10 +130,11 @@ def train_command(args: argparse.Namespace) -> list[str]:
 def render(args: argparse.Namespace, invocation: str) -> str:
   """The batch script."""
   g = args.gpus_per_node
-  tasks_per_node = g if args.per == 'gpu' else 1
+  tasks_per_node = g if args.per == 'gpu' else 1 if g else args.processes_per_node or 1
   procs = args.nodes * tasks_per_node
   what = (f'{args.nodes} node(s) x {g} GPU(s), ' if g else f'{args.nodes} CPU node(s), ')
-  what += 'one process per GPU' if args.per == 'gpu' else 'one process per node'
+  what += ('one process per GPU' if args.per == 'gpu' else 'one process per node' if tasks_per_node == 1
+           else f'{tasks_per_node} processes per node')
   lines = [
       '#!/bin/bash',
       f'# vggjax training under SLURM: {what} ({procs} process{"es" if procs > 1 else ""} in all).',
@@ -154,7 +169,11 @@ def render(args: argparse.Namespace, invocation: str) -> str:
   if args.per == 'node' and g:
     lines += ['# One process drives all GPUs of its node (JAX would give each SLURM task one GPU).',
               f'export JAX_LOCAL_DEVICE_IDS={",".join(str(i) for i in range(g))}']
-  lines += ['echo "job ${SLURM_JOB_ID:-}: ${SLURM_NNODES:-} node(s) (${SLURM_JOB_NODELIST:-}), $(date)"',
+  if args.cpu_devices_per_node:
+    lines += [f'# Each process runs on its share of the node\'s {args.cpu_devices_per_node} virtual CPU devices.',
+              f'export VGGJAX_NUM_CPU_DEVICES={args.cpu_devices_per_node // tasks_per_node}']
+  lines += ['echo "job ${SLURM_JOB_ID:-}${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: '
+            '${SLURM_NNODES:-} node(s) (${SLURM_JOB_NODELIST:-}), $(date)"',
             'srun --kill-on-bad-exit=1 ' + shlex.join(train_command(args))]
   return '\n'.join(lines) + '\n'
 
