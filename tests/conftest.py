@@ -11,7 +11,9 @@ import jax  # noqa: E402
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_platforms', 'cpu')
 
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -25,6 +27,29 @@ if not flags.FLAGS.is_parsed():
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+
+# CI (.ci/run sets VGGJAX_CI=1) installs every independent reference the tests compare against: torch,
+# torchvision, safetensors, Keras, shellcheck. There a missing one fails the tests that need it; elsewhere they
+# are skipped. No test swaps in a weaker reference.
+IN_CI = os.environ.get('VGGJAX_CI', '') == '1'
+
+
+def reference_module(name: str):
+  """Imports an optional reference package: skips the test without it, except in CI, where it fails."""
+  if IN_CI:
+    return importlib.import_module(name)
+  return pytest.importorskip(name, reason=f'{name} is not installed (CI installs it: .ci/run)')
+
+
+def reference_tool(name: str) -> str:
+  """The path of an optional command-line tool: skips without it, except in CI, where it fails."""
+  path = shutil.which(name)
+  if path is None:
+    if IN_CI:
+      pytest.fail(f'{name} is not installed, and CI must run this test (.ci/run installs it)')
+    pytest.skip(f'{name} is not installed (CI installs it: .ci/run)')
+  return path
 
 
 def subprocess_env(num_devices: int = 8, **extra) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, reference_module, subprocess_env
 
 from vggjax import benchmark as vb
 
@@ -175,7 +175,7 @@ def test_max_batch_search_finds_the_edge():
 
 
 def test_torch_reference_runs_one_step_with_the_same_fields(cli_record):
-  pytest.importorskip('torch')
+  reference_module('torch')
   records = _run(['benchmarks/torch_reference.py', *TINY, '--batch=4', '--dtype=float32', '--steps=1',
                   '--repeats=1', '--warmup=1', '--device=cpu', '--json'])
   assert len(records) == 1
@@ -190,7 +190,7 @@ def test_torch_reference_runs_one_step_with_the_same_fields(cli_record):
 
 
 def test_torch_reference_narrow_net_matches_the_flop_count():
-  torch = pytest.importorskip('torch')
+  torch = reference_module('torch')
   sys.path.insert(0, str(REPO / 'benchmarks'))
   import torch_reference as tr
   net = tr.build_model('vgg11', 10, 1 / 64, 16, 32)

@@ -10,17 +10,17 @@ os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported anywhere
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import types  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import center_crop, randomize_batch_norm, subprocess_env  # noqa: E402
+from conftest import center_crop, randomize_batch_norm, reference_module, subprocess_env  # noqa: E402
 from vggjax import checkpoints, convert, labels, models, weights  # noqa: E402
 from vggjax.preprocessing import normalize  # noqa: E402
 
-torch = pytest.importorskip('torch', reason='the torch extra is installed by .ci/run')
+torch = reference_module('torch')
+reference_module('safetensors')
 from vggjax.torch_vgg import TorchVGG  # noqa: E402
 
 TV_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -155,16 +155,11 @@ def test_pickled_code_is_never_run(tmp_path):
 
 
 def test_torchvision_bn_model_via_the_cli(crops, tmp_path):
-  """torchvision.models.vgg11_bn (weights=None; TorchVGG where torchvision is not installed), random
-  batch-norm statistics, converted by the CLI with the model inferred from the file."""
-  meta_registrations = 'torchvision._meta_registrations'  # torchvision's import needs this stub on CPU
-  sys.modules.setdefault(meta_registrations, types.ModuleType(meta_registrations))
+  """torchvision.models.vgg11_bn (weights=None), random batch-norm statistics, converted by the CLI with the
+  model inferred from the file. torchvision's own net: never the project's TorchVGG in its place."""
+  torchvision = reference_module('torchvision')
   torch.manual_seed(1)
-  try:
-    import torchvision
-    net = torchvision.models.vgg11_bn(weights=None).eval()
-  except ImportError:
-    net = TorchVGG('vgg11_bn').eval()
+  net = torchvision.models.vgg11_bn(weights=None).eval()
   randomize_batch_norm(net)
   torch.save(net.state_dict(), tmp_path / 'vgg11_bn.pth')
   out = tmp_path / 'vgg11_bn'

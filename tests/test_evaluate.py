@@ -443,3 +443,73 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
   for p in ('dense', 'single'):
     got, want = two['results']['A'][p]['36'], r['A'][p]['36']
     assert (got['top1_err'], got['top5_err'], got['num_images']) == (want['top1_err'], want['top5_err'], 20)
+
+
+def _posteriors_by_image(result) -> dict:
+  """{'protocol|scales': {image index: posterior}} of an evaluate(..., return_posteriors=True) result."""
+  out = {}
+  for (_, protocol, scales), post in result['_posteriors'].items():
+    rows = out.setdefault(f'{protocol}|{scales}', {})
+    for index, p in zip(result['_indices'], post):
+      assert int(index) not in rows, f'image {index} evaluated twice by one process'
+      rows[int(index)] = p
+  return out
+
+
+def _digits_source(n=20):
+  from configs import demo
+  from vggjax.data import pipeline
+  data = demo.get_config().data
+  return pipeline.open_source(data, f'validation[:{n}]')
+
+
+def _evaluate_process(port: str, process_id: str, checkpoint: str, out: str) -> None:
+  """One of two evaluation processes (`python tests/test_evaluate.py PORT ID CHECKPOINT OUT.npz`): its images'
+  indices and posteriors, for the test below."""
+  from vggjax import cli
+  cli.set_cpu_devices(4)
+  parallel.initialize(f'localhost:{port}', 2, int(process_id))
+  result = ev.evaluate([ev.load_model(checkpoint, scales=[36])], _digits_source(), protocols=('dense', 'single'),
+                       batch_size=8, flip=False, progress=False, return_posteriors=True)
+  rows = _posteriors_by_image(result)
+  np.savez(out, indices=np.asarray(result['_indices']),
+           **{key: np.stack([rows[key][i] for i in result['_indices']]) for key in rows})
+  jax.distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_every_image_once_with_the_posteriors_of_one(tmp_path):
+  """2 processes x 4 devices: each image of the split by exactly one process, its posterior that of one
+  process on 8 devices (error rates alone would not see an image evaluated twice and another missed)."""
+  a = _save(tmp_path / 'A', 'vgg11', 0, 32, 40)
+  for attempt in range(3):  # a new port when another program took the chosen one first
+    port = cli_util.free_port()
+    logs = [tmp_path / f'log{i}.{attempt}.txt' for i in range(2)]
+    procs = []
+    for i in range(2):
+      with open(logs[i], 'wb') as log:
+        procs.append(subprocess.Popen([sys.executable, __file__, str(port), str(i), a, str(tmp_path / f'p{i}.npz')],
+                                      env=subprocess_env(4), stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=600) for p in procs]
+    text = [x.read_text(errors='replace') for x in logs]
+    if codes == [0, 0] or not any(cli_util.port_clash(x) for x in text):
+      break
+  assert codes == [0, 0], '\n'.join(x[-3000:] for x in text)
+  parts = [dict(np.load(tmp_path / f'p{i}.npz')) for i in range(2)]
+  indices = np.concatenate([p['indices'] for p in parts])
+  assert sorted(indices.tolist()) == list(range(20))  # every image once: none twice, none missing
+  assert len(parts[0]['indices']) == len(parts[1]['indices']) == 10
+  one = _posteriors_by_image(ev.evaluate([ev.load_model(a, scales=[36])], _digits_source(),
+                                         protocols=('dense', 'single'), batch_size=8, flip=False,
+                                         progress=False, return_posteriors=True))
+  assert set(one) == set(parts[0]) - {'indices'} and len(one) == 2
+  for key, rows in one.items():
+    assert sorted(rows) == list(range(20))
+    got = np.concatenate([p[key] for p in parts])
+    want = np.stack([rows[int(i)] for i in indices])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # other batches: other float rounding
+    assert np.abs(want - want.mean(axis=0)).max() > 0.1  # the images' posteriors differ: identity matters
+
+
+if __name__ == '__main__':
+  _evaluate_process(*sys.argv[1:])

@@ -5,7 +5,6 @@ without class names."""
 import json
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from conftest import subprocess_env
+from conftest import reference_module, subprocess_env
 from vggjax import checkpoints, convert, labels, models, predict
 from vggjax.preprocessing import Normalization
 
@@ -52,10 +51,8 @@ def tv_center_crop(image, size):
 
 
 def test_reference_transforms_are_torchvisions(photo_files):
-  """The references above are torchvision's eval transforms, pixel for pixel (where torchvision exists)."""
-  meta_registrations = 'torchvision._meta_registrations'  # torchvision's import needs this stub on CPU
-  sys.modules.setdefault(meta_registrations, types.ModuleType(meta_registrations))
-  transforms = pytest.importorskip('torchvision.transforms')
+  """The references above are torchvision's eval transforms, pixel for pixel."""
+  transforms = reference_module('torchvision.transforms')
   for f in photo_files:
     image = Image.open(f).convert('RGB')
     for size, crop in ((256, 224), (73, 64), (96, None)):
@@ -79,10 +76,12 @@ def photo_files(real_photos, tmp_path_factory):
 
 
 def test_cli_top5_agrees_with_pytorch(photo_files, tmp_path):
-  torch = pytest.importorskip('torch')
-  from vggjax.torch_vgg import TorchVGG
+  """The CLI's probabilities against an independent pipeline: torchvision's VGG16 and its evaluation
+  transform (Resize(256), CenterCrop(224), ToTensor, Normalize) on the same files."""
+  torch = reference_module('torch')
+  torchvision = reference_module('torchvision')
   torch.manual_seed(0)
-  net = TorchVGG('vgg16').eval()
+  net = torchvision.models.vgg16(weights=None).eval()
   with torch.no_grad():
     net.classifier[6].weight.mul_(30.0)  # random weights, but confident: top-5 gaps well above float noise
   torch.save(net.state_dict(), tmp_path / 'vgg16.pth')
@@ -93,12 +92,11 @@ def test_cli_top5_agrees_with_pytorch(photo_files, tmp_path):
       env=subprocess_env(1), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   got = json.loads(result.stdout)
-  # torchvision's evaluation pipeline on the same files: Resize(256), CenterCrop(224), ToTensor, Normalize.
-  crops = np.stack([np.asarray(tv_center_crop(tv_resize(Image.open(f).convert('RGB'), 256), 224))
-                    for f in files])
-  x = (crops.astype(np.float32) / 255.0 - np.float32(TV_MEAN)) / np.float32(TV_STD)
+  t = torchvision.transforms
+  transform = t.Compose([t.Resize(256), t.CenterCrop(224), t.ToTensor(), t.Normalize(TV_MEAN, TV_STD)])
+  x = torch.stack([transform(Image.open(f).convert('RGB')) for f in files])
   with torch.no_grad():
-    want = torch.softmax(net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), dim=1).numpy()
+    want = torch.softmax(net(x), dim=1).numpy()
   names = labels.imagenet_names()
   assert [g['file'] for g in got] == files
   for g, w in zip(got, want):

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import center_crop, randomize_batch_norm
+from conftest import center_crop, randomize_batch_norm, reference_module
 from vggjax import models, weights
 
-torch = pytest.importorskip('torch', reason='the torch extra is installed by .ci/run')
+torch = reference_module('torch')
 from vggjax.torch_vgg import TorchVGG  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
