@@ -178,10 +178,17 @@ def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization(
   return jax.jit(eval_fn, out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(eval_step: Callable, variables: dict, batches, mesh) -> dict:
-  """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped)."""
+class EvalInterrupted(Exception):
+  """A preemption notice arrived during an evaluation pass (evaluate's `stop`)."""
+
+
+def evaluate(eval_step: Callable, variables: dict, batches, mesh, stop: Callable[[], bool] | None = None) -> dict:
+  """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped).
+  `stop` is polled before each batch (host-only, no device wait): True raises EvalInterrupted."""
   total = None
   for batch in batches:
+    if stop is not None and stop():
+      raise EvalInterrupted()
     sums = eval_step(variables, parallel.global_batch(batch, mesh))
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
   if total is None:
@@ -334,32 +341,55 @@ class TrainCheckpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def resave(self, step: int, state: TrainState, iterator, host: dict) -> None:
+    """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
+    self.manager.wait_until_finished()
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
+    self.save(step, state, iterator, host)
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
 
 
 class _StopRequest:
-  """SIGTERM (preemption) sets a flag; the loop finishes the step, checkpoints and exits 0."""
+  """A preemption notice (SIGTERM): the loop finishes the step (or drops the evaluation pass under way),
+  checkpoints and exits 0. Polled after every step and before every evaluation batch, on the host only.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption service (started by
+  jax.distributed.initialize) owns SIGTERM; its notifier tells the coordination service, which picks a
+  poll point no process has passed yet, and every process stops there
+  (multihost_utils.reached_preemption_sync_point). The poll counter advances identically everywhere (one per
+  step, one per evaluation batch), so a notice during an evaluation pass stops it too. No Python handler is
+  installed then: it would replace JAX's notifier."""
 
   def __init__(self):
     self.flag = threading.Event()
     self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM,):
-        self._previous[sig] = signal.signal(sig, self._handle)
+    self._multi = jax.process_count() > 1
+    self._polls = 0
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     log.warning('received signal %d: finishing the step, then checkpointing and exiting', signum)
     self.flag.set()
 
-  def requested(self, step: int, every: int) -> bool:
-    if jax.process_count() == 1:
+  def requested(self, *unused) -> bool:
+    if self.flag.is_set() or not self._multi:
       return self.flag.is_set()
-    if step % every:
+    self._polls += 1
+    try:
+      reached = multihost_utils.reached_preemption_sync_point(self._polls)
+    except RuntimeError as e:  # the preemption service is off (jax_enable_preemption_service=False)
+      log.warning('preemption notices are not handled: %s', e)
+      self._multi = False
       return False
-    flags = multihost_utils.process_allgather(np.asarray(self.flag.is_set(), np.int32))
-    return bool(np.max(flags))
+    if reached:
+      log.warning('preemption notice: every process stops at this point, checkpoints and exits')
+      self.flag.set()
+    return reached
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -408,10 +438,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   writer = vlog.MetricWriter(workdir, enabled=is_main)
   start = ckpt.latest_step()
   history: list[dict] = []
+  pending_eval = False
   if start is not None:
     state, host = ckpt.restore(start, abstract_train_state(model, tx, mesh), it)
     schedule.load_state_dict(host.get('schedule', {}))
     history = host.get('evals', [])
+    pending_eval = bool(host.get('pending_eval'))  # preempted during this step's evaluation: run it again
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', ckpt.manager.directory, start)
   else:
@@ -427,13 +459,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
            steps_per_epoch, total_steps)
 
   def host_state():
-    return {'schedule': schedule.state_dict(), 'evals': history, 'epoch': step / steps_per_epoch}
+    return {'schedule': schedule.state_dict(), 'evals': history, 'epoch': step / steps_per_epoch,
+            'pending_eval': pending_eval}
 
   def run_eval(step: int) -> dict:
     variables = state.variables
     batches = pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count())
-    result = evaluate(eval_step, variables, batches, mesh)
+    log.info('step %d: evaluating on %s', step, config.data.eval_split)
+    result = evaluate(eval_step, variables, batches, mesh, stop=stop.requested)
     reduced = schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
     history.append(row)
@@ -475,7 +509,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     t_log, step_log = now, end
 
   try:
-    while step < total_steps:
+    if pending_eval:  # the evaluation a preemption interrupted: the schedule must see it
+      try:
+        last_eval = run_eval(step)
+        pending_eval = False
+        ckpt.resave(step, state, it, host_state())
+      except EvalInterrupted:
+        preempted = True
+        log.warning('stopped during the evaluation of step %d for preemption; the same command resumes', step)
+    while step < total_steps and not preempted:
       batch = parallel.global_batch(next(it), mesh)
       lr = schedule.lr(step)
       state, metrics = train_step(state, batch, np.float32(lr))
@@ -485,13 +527,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       if step % t.log_every_steps == 0 or step == total_steps:
         pending, window = (window, step, lr), []
       evaluate_now = step % eval_every == 0 or step == total_steps
-      preempted = stop.requested(step, every=min(10, t.log_every_steps))
+      preempted = stop.requested()
       epoch_end = t.checkpoint_every_epoch and step % steps_per_epoch == 0
       save_now = step % t.checkpoint_every_steps == 0 or epoch_end or step == total_steps or preempted
       if evaluate_now or save_now:  # both wait for the device anyway
         flush()
       if evaluate_now:
-        last_eval = run_eval(step)
+        try:
+          last_eval = run_eval(step)
+        except EvalInterrupted:  # checkpoint without it; the resumed run evaluates this step first
+          pending_eval = preempted = save_now = True
+          log.warning('evaluation of step %d interrupted by a preemption notice', step)
         t_log = time.time()  # evaluation time is not training throughput
       if save_now:
         _check_faults(state, t.nan_policy)
