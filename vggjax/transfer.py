@@ -437,6 +437,20 @@ class DescriptorCache:
       p.unlink()
 
 
+_JITTED: dict = {}
+
+
+def _descriptor_fn(meta: Mapping, flip: bool) -> Callable:
+  """vggjax.features' jitted descriptor function, one per architecture, normalisation and flip setting (so
+  the nets, splits and scales of a run share its compiled shapes)."""
+  from vggjax import checkpoints, features
+  key = ('fc7', json.dumps([meta['model'], meta.get('normalization')], sort_keys=True, default=str), flip)
+  if key not in _JITTED:
+    _JITTED[key] = features._descriptor_fn(  # noqa: SLF001
+        checkpoints.model_from_meta(meta), checkpoints.normalization_from_meta(meta), flip)
+  return _JITTED[key]
+
+
 def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, flip: bool = True,
                       cache: DescriptorCache | None = None, batch_size: int = 32, progress: bool = False,
                       examples_fp: str | None = None) -> tuple[list[np.ndarray], np.ndarray]:
@@ -444,7 +458,7 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
   map (and with the flipped image's), unnormalised; rows of unreadable images are NaN. Returns (list over
   scales, valid mask (N,)). Cached chunks and finished scales are reused."""
   import jax
-  from vggjax import checkpoints, features
+  from vggjax import checkpoints
   from vggjax.predict import apply_batched, progress_bar, resize_smaller_side
   cache = cache or DescriptorCache(None)
   model = checkpoints.model_from_meta(net.meta)
@@ -459,7 +473,7 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
   width = int(np.shape(net.variables['params']['fc7']['kernel'])[-1])
   todo = [q for q in scales if done[q] is None]
   if todo:
-    fn = features._descriptor_fn(model, checkpoints.normalization_from_meta(net.meta), flip)  # noqa: SLF001
+    fn = _descriptor_fn(net.meta, flip)
     variables = jax.device_put(net.variables)
     parts: dict[int, list[np.ndarray]] = {q: [] for q in todo}
     bar = progress_bar(n * len(todo), f'descriptors {net.label} {examples.name}', progress)
@@ -553,7 +567,11 @@ def net_posteriors(net: Net, examples: Examples, indices: Sequence[int], scales:
   from vggjax import checkpoints
   from vggjax.predict import _probabilities_fn, apply_batched, progress_bar, resize_smaller_side
   model = checkpoints.model_from_meta(net.meta)
-  fn = _probabilities_fn(model, checkpoints.normalization_from_meta(net.meta), flip)
+  key = ('posteriors', json.dumps([net.meta['model'], net.meta.get('normalization')], sort_keys=True,
+                                  default=str), flip)
+  if key not in _JITTED:
+    _JITTED[key] = _probabilities_fn(model, checkpoints.normalization_from_meta(net.meta), flip)
+  fn = _JITTED[key]
   variables = jax.device_put(net.variables)
   indices = list(indices)
   total = np.zeros((len(indices), model.num_classes), np.float64)
