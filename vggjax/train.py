@@ -522,6 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       lr = schedule.lr(step)
       state, metrics = train_step(state, batch, np.float32(lr))
       step += 1
+      if step == start + 1:  # a marker for whoever waits for the loop (the signal handler is installed)
+        log.info('training started at step %d', start)
       flush()
       window.append(metrics)
       if step % t.log_every_steps == 0 or step == total_steps:
