@@ -3,6 +3,7 @@ data and through a real array_record dataset built here from real photos, and th
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import pathlib
 import pickle
@@ -300,6 +301,19 @@ def _write_tfrecord(path, records) -> None:
     for r in records:
       length = struct.pack('<Q', len(r))
       f.write(length + _masked_crc(length) + r + _masked_crc(r))
+
+
+def test_tfrecord_writer_and_reader_match_a_file_written_by_tensorflow(tmp_path):
+  """tests/data/written_by_tensorflow.tfrecord was written by tf.io.TFRecordWriter (make_tfrecord_fixture.py):
+  this file's writer produces it byte for byte, and vggjax's reader (no TensorFlow) reads its records back."""
+  data = REPO / 'tests' / 'data'
+  spec = importlib.util.spec_from_file_location('make_tfrecord_fixture', data / 'make_tfrecord_fixture.py')
+  fixture = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fixture)
+  written_by_tf = (data / 'written_by_tensorflow.tfrecord').read_bytes()
+  assert list(prepare.read_tfrecord(data / 'written_by_tensorflow.tfrecord')) == fixture.records()
+  _write_tfrecord(tmp_path / 'mine.tfrecord', fixture.records())
+  assert (tmp_path / 'mine.tfrecord').read_bytes() == written_by_tf  # TensorFlow's framing and masked CRCs
 
 
 def test_convert_tfrecord_to_array_record_without_tensorflow(tfds_photos, tmp_path):
