@@ -811,9 +811,11 @@ def format_table(result: Mapping) -> str:
 
 
 def write_results(result: Mapping, workdir: str) -> str:
-  """WORKDIR/eval.json (atomically); the keys starting with '_' (per-image arrays) are left out."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, RESULTS_FILE)
+  """WORKDIR/eval.json (atomically; local or gs://); the keys starting with '_' (per-image arrays) are left
+  out."""
+  from vggjax import logging as vlog
+  directory = checkpoints.absolute(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
 
   def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
@@ -824,11 +826,8 @@ def write_results(result: Mapping, workdir: str) -> str:
       return [clean(v) for v in x]
     return x
 
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(clean({k: v for k, v in result.items() if not k.startswith('_')}), f, indent=2)
-  os.replace(tmp, path)
-  return path
+  text = json.dumps(clean({k: v for k, v in result.items() if not k.startswith('_')}), indent=2)
+  return str(vlog.write_text(directory / RESULTS_FILE, text))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -877,11 +876,10 @@ def _load_config(config, workdir: str):
   import ml_collections
   if config is not None:
     return config
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = checkpoints.absolute(workdir) / 'config.json'  # local or gs://
+  if not path.exists():
     raise FileNotFoundError(f'no --config given and {path} does not exist: pass the config of the data')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def main(argv, flag_holders) -> None:
@@ -936,6 +934,7 @@ def main(argv, flag_holders) -> None:
 
 def run() -> None:
   from absl import app
+  cli.add_config_roots(sys.argv)  # --config as a path or an installed config's name
   holders = _define_flags()
   app.run(functools.partial(main, flag_holders=holders))
 

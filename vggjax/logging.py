@@ -25,6 +25,23 @@ def is_local(path: epath.Path) -> bool:
   return '://' not in str(path)
 
 
+def write_text(path, text: str) -> epath.Path:
+  """Writes a whole file of a run: locally under a temporary name renamed when complete (a reader never sees
+  half a file); on an object store (gs://) in one upload, which is atomic there."""
+  path = epath.Path(path)
+  if is_local(path):
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)
+  else:
+    path.write_text(text)
+  return path
+
+
+def read_json(path) -> Any:
+  return json.loads(epath.Path(path).read_text())
+
+
 def _clean(v: Any) -> Any:
   if hasattr(v, 'item'):
     v = v.item()
@@ -52,8 +69,8 @@ class MetricWriter:
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(run_path(workdir, 'tensorboard')), flush_secs=30)
-      except ImportError:  # optional
-        log.warning('tensorboardX is not installed: no TensorBoard events are written')
+      except ImportError as e:  # optional; on gs:// tensorboardX needs google-cloud-storage (vggjax[gcs])
+        log.warning('no TensorBoard events are written: %s', e)
       except Exception as e:  # e.g. a remote filesystem tensorboardX cannot write to
         log.warning('no TensorBoard events: %s', e)
 
@@ -148,7 +165,11 @@ def plot_curves(workdir, rows: Iterable[dict] | None = None) -> epath.Path | Non
   evals = [r for r in rows if 'val_top1' in r]
   if not train and not evals:
     return None
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError:  # optional: a run never fails at its end for a plot
+    log.warning('matplotlib is not installed: no %s (pip install matplotlib)', run_path(workdir, 'curves.png'))
+    return None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -47,11 +47,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.quiet_libraries()
   cli.set_cpu_devices(_NUM_CPU_DEVICES.value)
-  from vggjax import config_lib, parallel, train  # after flags: nothing has touched a device yet
+  from vggjax import checkpoints, config_lib, parallel, train  # after flags: nothing has touched a device yet
 
   config = _CONFIG.value
   try:
     config_lib.validate(config)  # before anything compiles
+    config_lib.check_init_required(config)  # the :384 and :jitter configs continue another run
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e))
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -68,7 +69,7 @@ def main(argv):
     m = result.metrics
     summary = (f'val top-1 {m["val_top1"]:.4f}, top-5 {m["val_top5"]:.4f}' if m else 'no evaluation')
     print(f'{"preempted" if result.preempted else "done"} at step {result.step} (epoch {result.epoch:.2f}): '
-          f'{summary}; run directory {os.path.abspath(_WORKDIR.value)}', flush=True)
+          f'{summary}; run directory {checkpoints.absolute(_WORKDIR.value)}', flush=True)
 
 
 def run():

@@ -544,6 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       if save_now:
         _check_faults(state, t.nan_policy)
         ckpt.save(step, state, it, host_state())
+        writer.flush()  # on gs://, where rows are uploaded in batches: every row up to the checkpoint
       if preempted:
         log.warning('stopped at step %d for preemption; the same command resumes', step)
         break
