@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,10 +31,35 @@ def cli_env(tmp_cache: str | None, num_devices: int = 8, **extra) -> dict:
   return env
 
 
+# The plateau schedule of the paper made to reduce at every evaluation after the first (an improvement must
+# exceed 1.0 top-1), so that runs which stop and go on also test that its state is restored.
+PLATEAU = ['--config.optimizer.schedule=plateau', '--config.optimizer.plateau_patience=1',
+           '--config.optimizer.plateau_min_delta=1.0']
+# The line the trainer logs once its loop runs (the SIGTERM handler is installed by then).
+STARTED = 'training started at step'
+
+
 def start(workdir, *args, env: dict, log=None) -> subprocess.Popen:
+  """Starts the CLI with its output in a file (`log`, or one beside the workdir): never an undrained pipe.
+  The file's path is `proc.log`; `output(proc)` reads it."""
   cmd = [sys.executable, '-m', 'vggjax.main', f'--workdir={workdir}', *args]
-  out = open(log, 'ab') if log else subprocess.PIPE
-  return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+  if log is None:
+    log = f'{os.fspath(workdir).rstrip(os.sep)}.{time.time_ns()}.log'
+  with open(log, 'ab') as out:
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+  proc.log = os.fspath(log)
+  return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+  with open(proc.log, errors='replace') as f:
+    return f.read()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+  """Waits for the process and returns its output."""
+  proc.wait(timeout=timeout)
+  return output(proc)
 
 
 def run(workdir, *args, env: dict, timeout: float = 600) -> str:
@@ -81,10 +107,34 @@ def assert_identical(a: dict, b: dict) -> None:
     assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs: max {np.abs(x - y).max()}'
 
 
+def started(proc: subprocess.Popen) -> bool:
+  return STARTED in output(proc)
+
+
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+  """A free port below Linux's ephemeral range (32768-60999), which the kernel never hands to another
+  socket by itself (bind to port 0, outgoing connections): free now stays free unless someone asks for it by
+  number. Callers retry with a new port when a process reports a bind failure (`joining_failed`)."""
+  for _ in range(200):
+    port = random.randint(20000, 32000)
+    with socket.socket() as s:
+      try:
+        s.bind(('localhost', port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError('no free port in 20000-32000')
+
+
+# Failures of processes joining one another, not of what is tested: the port taken by someone else, or (on
+# an overloaded machine) one process reaching the first collective more than Gloo's fixed 30 s after the
+# other. Multi-process tests start both processes again (a new port; runs resume from their checkpoint).
+JOINING_FAILED = ('address already in use', 'failed to bind', 'failed to add port',
+                  'gloo context initialization failed')
+
+
+def joining_failed(text: str) -> bool:
+  return any(m in text.lower() for m in JOINING_FAILED)
 
 
 def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:

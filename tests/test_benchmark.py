@@ -133,6 +133,7 @@ def cli_record():
   return records[0]
 
 
+@pytest.mark.slow
 def test_cli_prints_json_with_every_field(cli_record):
   r = cli_record
   assert TOP_FIELDS <= set(r) and TRAIN_FIELDS <= set(r['train'])
@@ -174,6 +175,7 @@ def test_max_batch_search_finds_the_edge():
   assert found['bytes_per_image'] > 0
 
 
+@pytest.mark.slow
 def test_torch_reference_runs_one_step_with_the_same_fields(cli_record):
   reference_module('torch')
   records = _run(['benchmarks/torch_reference.py', *TINY, '--batch=4', '--dtype=float32', '--steps=1',

@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 import cli_util
@@ -52,6 +55,7 @@ def test_bad_config_fails_before_anything_compiles(tmp_path, override, message):
   assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_step_and_quantity_keeping_good_checkpoints(tmp_path):
   env = cli_util.cli_env(None)
   p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path}', *cli_util.TINY,
@@ -60,3 +64,38 @@ def test_divergence_stops_with_the_step_and_quantity_keeping_good_checkpoints(tm
   assert 'non-finite loss at step 1' in p.stderr
   saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert saved == []  # the fault came before the first checkpoint: nothing bad was written
+
+
+# The learning rate jumps to 1e28 at epoch 0.2 (step 10 of 46 per epoch): divergence after the checkpoints of
+# steps 4 and 8 exist, before the one of step 12.
+LATE_DIVERGENCE = ['--config.optimizer.schedule=step', '--config.optimizer.step_epochs=(0.2,)',
+                   '--config.optimizer.step_factor=1e30']
+
+
+@pytest.mark.slow
+def test_divergence_after_a_checkpoint_keeps_it_and_skip_counts_the_dropped_steps(tmp_path):
+  env = cli_util.cli_env(str(tmp_path / 'cache'))
+  p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path / "stop"}', *cli_util.TINY,
+                      *LATE_DIVERGENCE], env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 3, p.stderr[-3000:]
+  m = re.search(r'non-finite (loss|gradients|update) at step (\d+)', p.stderr)
+  assert m, p.stderr[-3000:]
+  fault = int(m.group(2))
+  assert 10 <= fault < 12, fault
+  lrs = {r['step']: r['lr'] for r in cli_util.metrics(tmp_path / 'stop') if 'loss' in r}
+  assert lrs[10] == pytest.approx(0.01)  # steps 0-9 at the base rate: the fault is the planned jump
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'stop' / 'checkpoints') if s.isdigit())
+  assert saved == [4, 8]  # the last good checkpoint is kept, nothing after the fault is written
+  variables, meta = cli_util.final_params(tmp_path / 'stop')
+  assert meta['step'] == 8
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))
+  # The same run with nan_policy=skip: every step from the fault on is dropped, counted in metrics.jsonl.
+  out = cli_util.run(tmp_path / 'skip', *cli_util.TINY, *LATE_DIVERGENCE, '--config.train.nan_policy=skip',
+                     env=env)
+  assert 'done at step 24' in out
+  rows = [r for r in cli_util.metrics(tmp_path / 'skip') if 'loss' in r]
+  assert sum(r.get('skipped_steps', 0) for r in rows) == 24 - fault
+  assert all('skipped_steps' not in r for r in rows if r['step'] <= fault)
+  variables, meta = cli_util.final_params(tmp_path / 'skip')
+  assert meta['step'] == 24
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(variables))

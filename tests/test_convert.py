@@ -70,6 +70,7 @@ def torch_vgg16(tmp_path_factory):
   return net, directory
 
 
+@pytest.mark.slow
 def test_torchvision_pth_logits_equal_pytorch(torch_vgg16, crops, tmp_path):
   net, directory = torch_vgg16
   meta = convert.convert('torchvision', directory / 'vgg16.pth', tmp_path / 'vgg16', 'vgg16')
@@ -88,6 +89,7 @@ def test_torchvision_pth_logits_equal_pytorch(torch_vgg16, crops, tmp_path):
   np.testing.assert_array_equal(np.argsort(-got, 1)[:, :5], np.argsort(-want, 1)[:, :5])
 
 
+@pytest.mark.slow
 def test_safetensors_and_timm_naming_give_the_same_variables(torch_vgg16, tmp_path):
   net, directory = torch_vgg16
   sd = weights.read_torch_file(directory / 'vgg16.safetensors')
@@ -154,6 +156,7 @@ def test_pickled_code_is_never_run(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_torchvision_bn_model_via_the_cli(crops, tmp_path):
   """torchvision.models.vgg11_bn (weights=None), random batch-norm statistics, converted by the CLI with the
   model inferred from the file. torchvision's own net: never the project's TorchVGG in its place."""
@@ -225,6 +228,7 @@ def keras_vgg16(tmp_path_factory):
   return model, files
 
 
+@pytest.mark.slow
 def test_keras_vgg16_logits_equal_keras(keras_vgg16, crops, tmp_path):
   from keras.applications import vgg16
   model, files = keras_vgg16
@@ -238,6 +242,7 @@ def test_keras_vgg16_logits_equal_keras(keras_vgg16, crops, tmp_path):
   np.testing.assert_array_equal(np.argsort(-got, 1)[:, :5], np.argsort(-want, 1)[:, :5])
 
 
+@pytest.mark.slow
 def test_keras3_and_published_files_hold_the_same_layers(keras_vgg16):
   model, files = keras_vgg16
   published, order = weights.read_keras_file(files['published'])
@@ -253,6 +258,7 @@ def test_keras3_and_published_files_hold_the_same_layers(keras_vgg16):
   assert weights.source_from_path(files['keras3']) == 'keras'
 
 
+@pytest.mark.slow
 def test_keras_file_for_the_wrong_model_names_the_layers(keras_vgg16):
   _, files = keras_vgg16
   with pytest.raises(weights.ConversionError,
@@ -268,6 +274,7 @@ def test_keras_file_for_the_wrong_model_names_the_layers(keras_vgg16):
     weights.keras_to_variables(notop, 'vgg16')
 
 
+@pytest.mark.slow
 def test_keras_vgg19_logits_equal_keras(crops, tmp_path):
   keras = pytest.importorskip('keras')
   from keras.applications import vgg19

@@ -1,5 +1,6 @@
 """Runs that stop and go on: resume, preemption (SIGTERM), crashes (SIGKILL, also mid-checkpoint) and two
-processes joined with jax.distributed, each against one uninterrupted run on 8 devices."""
+processes joined with jax.distributed, each against one uninterrupted run on 8 devices. The runs use the
+plateau schedule, reducing the learning rate at steps 16 and 24, so a resume that lost its state diverges."""
 
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 import cli_util
 
 pytestmark = pytest.mark.slow
+RUN = [*cli_util.TINY, *cli_util.PLATEAU]
 
 
 @pytest.fixture(scope='module')
@@ -22,35 +24,42 @@ def cache(tmp_path_factory):
 def reference(tmp_path_factory, cache):
   """One uninterrupted tiny run on 8 devices in one process."""
   workdir = tmp_path_factory.mktemp('reference')
-  cli_util.run(workdir, *cli_util.TINY, env=cli_util.cli_env(cache))
+  cli_util.run(workdir, *RUN, env=cli_util.cli_env(cache))
   variables, meta = cli_util.final_params(workdir)
   assert meta['step'] == 24
+  # The schedule did what the runs below rely on: reductions at the evaluations of steps 16 and 24.
+  assert [r['step'] for r in _evals(workdir, 'lr_reduced') if r['lr_reduced']] == [16, 24]
+  lrs = {r['step']: r['lr'] for r in cli_util.metrics(workdir) if 'loss' in r}
+  assert lrs[16] == pytest.approx(0.01) and lrs[18] == pytest.approx(0.001)
   return workdir, variables
 
 
-def _evals(workdir):
-  return [{k: r[k] for k in ('step', 'val_top1', 'val_top5', 'val_loss')}
+def _evals(workdir, *extra):
+  return [{k: r[k] for k in ('step', 'val_top1', 'val_top5', 'val_loss', *extra)}
           for r in cli_util.metrics(workdir) if 'val_top1' in r]
 
 
-def test_sigterm_checkpoints_exits_0_and_resumes_identically(tmp_path, cache, reference):
+def test_sigterm_checkpoints_exits_0_and_resumes_identically_with_workers(tmp_path, cache, reference):
+  """Preempted as soon as the loop runs (the run cannot finish first), then resumed; data from 2 worker
+  processes in both parts, the reference from the main process."""
   ref_dir, ref_vars = reference
   env = cli_util.cli_env(cache)
-  proc = cli_util.start(tmp_path, *cli_util.TINY, env=env)
-  assert cli_util.wait_for(lambda: cli_util.last_step(tmp_path) >= 6, proc)
+  workers = '--config.data.num_workers=2'
+  proc = cli_util.start(tmp_path / 'run', *RUN, workers, env=env)
+  assert cli_util.wait_for(lambda: cli_util.started(proc), proc), cli_util.output(proc)[-3000:]
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out.decode()[-3000:]
-  stopped = cli_util.final_params(tmp_path)[1]['step']
-  assert 6 <= stopped < 24 and b'preempted at step' in out
-  out = cli_util.run(tmp_path, *cli_util.TINY, env=env)
+  out = cli_util.finish(proc, timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = cli_util.final_params(tmp_path / 'run')[1]['step']
+  assert 1 <= stopped < 24 and 'preempted at step' in out
+  out = cli_util.run(tmp_path / 'run', *RUN, workers, env=env)
   assert 'resumed from' in out and f'at step {stopped}' in out
-  variables, meta = cli_util.final_params(tmp_path)
+  variables, meta = cli_util.final_params(tmp_path / 'run')
   assert meta['step'] == 24
   cli_util.assert_identical(variables, ref_vars)
-  assert _evals(tmp_path) == _evals(ref_dir)
+  assert _evals(tmp_path / 'run', 'lr_reduced') == _evals(ref_dir, 'lr_reduced')
   # metrics.jsonl holds each step once, as if the run had never stopped.
-  steps = [r['step'] for r in cli_util.metrics(tmp_path) if 'loss' in r]
+  steps = [r['step'] for r in cli_util.metrics(tmp_path / 'run') if 'loss' in r]
   assert steps == sorted(set(steps))
 
 
@@ -59,33 +68,34 @@ def test_sigkill_anywhere_even_mid_checkpoint_ends_bit_identical(tmp_path, cache
   env = cli_util.cli_env(cache)
   ckpt_dir = tmp_path / 'checkpoints'
 
-  def writing():
-    return ckpt_dir.exists() and any('tmp' in p for p in os.listdir(ckpt_dir))
+  def temporaries():
+    return {p for p in os.listdir(ckpt_dir) if 'tmp' in p} if ckpt_dir.exists() else set()
 
-  # 1) killed before the first checkpoint completes; 2) mid-training; 3) while a checkpoint is being written.
-  kills = [lambda: cli_util.last_step(tmp_path) >= 2,
-           lambda: cli_util.last_step(tmp_path) >= 10,
-           writing]
-  killed_mid_write = False
-  for when in kills:
-    proc = cli_util.start(tmp_path, *cli_util.TINY, env=env)
-    reached = cli_util.wait_for(when, proc)
-    cli_util.kill(proc)
-    if when is writing and reached:
-      killed_mid_write = any('tmp' in p for p in os.listdir(ckpt_dir))
-  for _ in range(5):  # a checkpoint write is short: try again until a kill lands inside one
-    if killed_mid_write:
-      break
-    proc = cli_util.start(tmp_path, *cli_util.TINY, env=env)
-    if cli_util.wait_for(writing, proc):
-      cli_util.kill(proc)
-      killed_mid_write = any('tmp' in p for p in os.listdir(ckpt_dir))
-    else:
+  def kill_mid_write() -> bool:
+    """Kills a run while it writes a checkpoint: an Orbax temporary directory that is new to this run
+    (not one left behind by an earlier kill) must exist before and after the kill."""
+    before = temporaries()
+    proc = cli_util.start(tmp_path, *RUN, env=env)
+    if not cli_util.wait_for(lambda: temporaries() - before, proc):
       proc.wait()
-  assert killed_mid_write, 'no kill landed inside a checkpoint write'
+      return False
+    cli_util.kill(proc)
+    return bool(temporaries() - before)
+
+  # 1) killed before the first checkpoint completes; 2) mid-training; 3) after the first reduction (step 16),
+  # so the resume needs the schedule's state; 4) while a checkpoint is being written.
+  for when in (2, 10, 18):
+    proc = cli_util.start(tmp_path, *RUN, env=env)
+    cli_util.wait_for(lambda: cli_util.last_step(tmp_path) >= when, proc)
+    cli_util.kill(proc)
+  for _ in range(6):  # a checkpoint write is short: try again until a kill lands inside one
+    if kill_mid_write():
+      break
+  else:
+    pytest.fail('no kill landed inside a checkpoint write')
   complete = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit())
-  out = cli_util.run(tmp_path, *cli_util.TINY, env=env)
-  if complete:  # the half-written step is ignored: the run resumes from the newest complete one
+  out = cli_util.run(tmp_path, *RUN, env=env)
+  if complete and complete[-1] < 24:  # the half-written step is ignored: the newest complete one resumes
     assert f'at step {complete[-1]}' in out
   variables, meta = cli_util.final_params(tmp_path)
   assert meta['step'] == 24
@@ -94,18 +104,20 @@ def test_sigkill_anywhere_even_mid_checkpoint_ends_bit_identical(tmp_path, cache
 
 def test_two_processes_equal_one_process(tmp_path, cache, reference):
   """2 processes x 4 CPU devices joined by jax.distributed: train, checkpoint, restore, go on."""
-  _, ref_vars = reference
-  port = cli_util.free_port()
+  ref_dir, ref_vars = reference
 
   def both(*extra):
-    procs = []
-    for i in range(2):
-      env = cli_util.cli_env(cache, num_devices=4)
-      procs.append(cli_util.start(
-          tmp_path, *cli_util.TINY, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
-          f'--process_id={i}', env=env, log=tmp_path / f'log{i}.txt'))
-    codes = [p.wait(timeout=600) for p in procs]
-    logs = [(tmp_path / f'log{i}.txt').read_text() for i in range(2)]
+    for attempt in range(3):  # again when joining failed (cli_util.JOINING_FAILED)
+      port = cli_util.free_port()
+      procs = [cli_util.start(
+          tmp_path, *RUN, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
+          f'--process_id={i}', env=cli_util.cli_env(cache, num_devices=4),
+          log=tmp_path / f'log{i}.{attempt}.txt')
+          for i in range(2)]
+      codes = [p.wait(timeout=600) for p in procs]
+      logs = [cli_util.output(p) for p in procs]
+      if codes == [0, 0] or not any(cli_util.joining_failed(x) for x in logs):
+        break
     assert codes == [0, 0], '\n'.join(x[-3000:] for x in logs)
     return logs
 
@@ -114,7 +126,6 @@ def test_two_processes_equal_one_process(tmp_path, cache, reference):
   # Every process wrote its part: one data-iterator state per process in the checkpoint.
   written = sorted(p for p in os.listdir(tmp_path / 'checkpoints' / '12' / 'data') if p.startswith('process'))
   assert written == ['process_0-of-2.json', 'process_1-of-2.json']
-  port = cli_util.free_port()
   logs = both()
   assert 'at step 12' in logs[0]
   variables, meta = cli_util.final_params(tmp_path)
@@ -122,6 +133,14 @@ def test_two_processes_equal_one_process(tmp_path, cache, reference):
 
   diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), variables, ref_vars)
   assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
+  # Validation as in one process: every image counted once, the same hits, the same reductions.
+  got, want = _evals(tmp_path, 'val_count', 'lr_reduced'), _evals(ref_dir, 'val_count', 'lr_reduced')
+  assert [(r['step'], r['val_count'], r['lr_reduced']) for r in got] == \
+      [(r['step'], r['val_count'], r['lr_reduced']) for r in want]
+  for g, w in zip(got, want):
+    assert g['val_top1'] == pytest.approx(w['val_top1'], abs=1e-6)
+    assert g['val_top5'] == pytest.approx(w['val_top5'], abs=1e-6)
+    assert g['val_loss'] == pytest.approx(w['val_loss'], rel=1e-4)
   # Only process 0 logs metrics: each step once.
   steps = [r['step'] for r in cli_util.metrics(tmp_path) if 'loss' in r]
   assert steps == sorted(set(steps))

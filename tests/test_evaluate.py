@@ -469,8 +469,9 @@ def _evaluate_process(port: str, process_id: str, checkpoint: str, out: str) -> 
   from vggjax import cli
   cli.set_cpu_devices(4)
   parallel.initialize(f'localhost:{port}', 2, int(process_id))
-  result = ev.evaluate([ev.load_model(checkpoint, scales=[36])], _digits_source(), protocols=('dense', 'single'),
-                       batch_size=8, flip=False, progress=False, return_posteriors=True)
+  result = ev.evaluate([ev.load_model(checkpoint, scales=[36])], _digits_source(),
+                       protocols=('dense', 'single'), batch_size=8, flip=False, progress=False,
+                       return_posteriors=True)
   rows = _posteriors_by_image(result)
   np.savez(out, indices=np.asarray(result['_indices']),
            **{key: np.stack([rows[key][i] for i in result['_indices']]) for key in rows})
@@ -482,17 +483,17 @@ def test_two_processes_evaluate_every_image_once_with_the_posteriors_of_one(tmp_
   """2 processes x 4 devices: each image of the split by exactly one process, its posterior that of one
   process on 8 devices (error rates alone would not see an image evaluated twice and another missed)."""
   a = _save(tmp_path / 'A', 'vgg11', 0, 32, 40)
-  for attempt in range(3):  # a new port when another program took the chosen one first
+  for attempt in range(3):  # again when joining failed (cli_util.JOINING_FAILED)
     port = cli_util.free_port()
     logs = [tmp_path / f'log{i}.{attempt}.txt' for i in range(2)]
     procs = []
     for i in range(2):
       with open(logs[i], 'wb') as log:
-        procs.append(subprocess.Popen([sys.executable, __file__, str(port), str(i), a, str(tmp_path / f'p{i}.npz')],
-                                      env=subprocess_env(4), stdout=log, stderr=subprocess.STDOUT))
+        cmd = [sys.executable, __file__, str(port), str(i), a, str(tmp_path / f'p{i}.npz')]
+        procs.append(subprocess.Popen(cmd, env=subprocess_env(4), stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in procs]
     text = [x.read_text(errors='replace') for x in logs]
-    if codes == [0, 0] or not any(cli_util.port_clash(x) for x in text):
+    if codes == [0, 0] or not any(cli_util.joining_failed(x) for x in text):
       break
   assert codes == [0, 0], '\n'.join(x[-3000:] for x in text)
   parts = [dict(np.load(tmp_path / f'p{i}.npz')) for i in range(2)]

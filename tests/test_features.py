@@ -104,6 +104,7 @@ def test_shape_norm_and_flip_invariance(weights_dir, photos):
     features.extract(variables, meta, images, scales=(32,))
 
 
+@pytest.mark.slow
 def test_cli_writes_features_of_a_folder(weights_dir, photos, tmp_path):
   folder = tmp_path / 'images'
   (folder / 'sub').mkdir(parents=True)

@@ -75,6 +75,7 @@ def photo_files(real_photos, tmp_path_factory):
   return files
 
 
+@pytest.mark.slow
 def test_cli_top5_agrees_with_pytorch(photo_files, tmp_path):
   """The CLI's probabilities against an independent pipeline: torchvision's VGG16 and its evaluation
   transform (Resize(256), CenterCrop(224), ToTensor, Normalize) on the same files."""

@@ -21,6 +21,7 @@ def photo_batch(real_photos):
   return (crops - MEAN) / STD  # NHWC, torchvision's preprocessing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['vgg11', 'vgg16', 'vgg16_bn'])
 def test_logits_equal_pytorch(name, photo_batch):
   torch.manual_seed(0)
