@@ -151,8 +151,8 @@ def class_splits(labels: Sequence[int], train_per_class: int, test_per_class: in
   short = [(class_names[c] if class_names else str(c), int(n)) for c, n in zip(classes, counts)
            if n <= train_per_class]
   if short:
-    raise ValueError(f'{len(short)} classes have no more than train_per_class={train_per_class} images, so no '
-                     f'test image is left: {short[:10]}; lower --train_per_class')
+    raise ValueError(f'{len(short)} classes have no more than train_per_class={train_per_class} images, so '
+                     f'no test image is left: {short[:10]}; lower --train_per_class')
   rng = np.random.default_rng(seed)
   splits = []
   for _ in range(num_splits):
@@ -325,7 +325,10 @@ def open_examples(data_cfg, split: str) -> Examples:
   from vggjax.data import pipeline
   source = pipeline.open_source(data_cfg, split)
   labels, multilabel = _source_labels(source)
-  num = labels.shape[1] if multilabel else max(source.num_classes, int(labels.max()) + 1 if len(labels) else 0)
+  if multilabel:
+    num = labels.shape[1]
+  else:
+    num = max(source.num_classes, int(labels.max()) + 1 if len(labels) else 0)
   names = list(source.class_names) if source.class_names else [str(i) for i in range(num)]
   return Examples(source, labels, names, f'{getattr(source, "name", data_cfg.source)}', multilabel)
 
@@ -372,9 +375,10 @@ def variables_fingerprint(variables: Any, meta: Mapping) -> str:
   normalisation: what the descriptors depend on."""
   import jax
   h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables), key=lambda t: jax.tree_util.keystr(t[0])):
+  leaves = [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(variables)]
+  for name, leaf in sorted(leaves, key=lambda t: t[0]):
     a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}'.encode())
+    h.update(f'{name}|{a.dtype}|{a.shape}'.encode())
     h.update(a.tobytes())
   h.update(json.dumps({'model': meta.get('model'), 'normalization': meta.get('normalization')},
                       sort_keys=True, default=str).encode())
@@ -666,28 +670,31 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
   os.makedirs(workdir, exist_ok=True)
   cache = DescriptorCache(cache_dir or os.path.join(workdir, 'descriptors'))
   nets = [load_net(w) for w in weights]
+  eval_split = str(data_cfg.get('eval_split', '') or '')
+  if not eval_split and not train_per_class:
+    raise ValueError('data.eval_split is empty: the SVMs need test images (set it), or random splits of one '
+                     'pool (set --train_per_class)')
   train_ex = open_examples(data_cfg, data_cfg.train_split)
-  eval_ex = open_examples(data_cfg, data_cfg.eval_split)
-  if train_ex.multilabel != eval_ex.multilabel:
-    raise ValueError(f'{data_cfg.train_split} and {data_cfg.eval_split} differ in label kind')
+  eval_ex = open_examples(data_cfg, eval_split) if eval_split else None
+  if eval_ex is not None and train_ex.multilabel != eval_ex.multilabel:
+    raise ValueError(f'{data_cfg.train_split} and {eval_split} differ in label kind (single vs multi-label)')
   names = train_ex.class_names
   num_classes = train_ex.labels.shape[1] if train_ex.multilabel else len(names)
   if classifier == 'net' and nets[0].meta['model']['num_classes'] != num_classes:
     raise ValueError(f'{weights[0]} classifies {nets[0].meta["model"]["num_classes"]} classes; the data has '
                      f'{num_classes}: fine-tune it on this data first (configs/finetune.py)')
   parts = []
-  for ex in (train_ex, eval_ex):
+  for ex in (train_ex, eval_ex) if eval_ex is not None else (train_ex,):
     if classifier == 'svm':
       x, valid = descriptors(nets, ex, scales, combine, flip=flip, cache=cache, batch_size=batch_size,
                              progress=progress)
     else:
       x, valid = np.zeros((len(ex), 0), np.float32), np.ones(len(ex), bool)
     parts.append((x, ex.labels, valid))
-  (x_tr, y_tr, ok_tr), (x_ev, y_ev, ok_ev) = parts
-  x = np.concatenate([x_tr, x_ev])
-  y = np.concatenate([y_tr, y_ev])
-  valid = np.concatenate([ok_tr, ok_ev])
-  offset = len(x_tr)
+  x = np.concatenate([p[0] for p in parts])
+  y = np.concatenate([p[1] for p in parts])
+  valid = np.concatenate([p[2] for p in parts])
+  offset = len(train_ex)
   if train_per_class:
     if train_ex.multilabel:
       raise ValueError('--train_per_class (the Caltech protocol) needs a single-label source')
@@ -695,10 +702,11 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
     splits = [(pool[a], pool[b]) for a, b in class_splits(y[pool], train_per_class, test_per_class,
                                                           num_splits, seed, names)]
     protocol = {'kind': 'random splits', 'train_per_class': train_per_class, 'test_per_class': test_per_class,
-                'num_splits': num_splits, 'seed': seed, 'pool': [data_cfg.train_split, data_cfg.eval_split]}
+                'num_splits': num_splits, 'seed': seed,
+                'pool': [data_cfg.train_split] + ([eval_split] if eval_split else [])}
   else:
-    splits = [(np.flatnonzero(ok_tr), offset + np.flatnonzero(ok_ev))]
-    protocol = {'kind': 'fixed split', 'train': data_cfg.train_split, 'test': data_cfg.eval_split}
+    splits = [(np.flatnonzero(valid[:offset]), offset + np.flatnonzero(valid[offset:]))]
+    protocol = {'kind': 'fixed split', 'train': data_cfg.train_split, 'test': eval_split}
 
   def classify(indices):
     out = np.zeros((len(indices), num_classes), np.float32)
@@ -712,9 +720,10 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
   result = run_protocol(x, y, splits, num_classes=num_classes, cs=cs, folds=folds, seed=seed,
                         ap_mode=ap_mode, scores_fn=classify if classifier == 'net' else None,
                         progress=progress)
+  arch = ' & '.join(n.meta['model']['name'] for n in nets)
   method = ('fine-tuned net' if classifier == 'net' else
-            f'{" & ".join(n.meta["model"]["name"] for n in nets)} fc7, {combine} over Q={",".join(map(str, scales))}'
-            + ('' if flip else ', no flip') + ', linear SVM')
+            f'{arch} fc7, {combine} over Q={",".join(map(str, scales))}{"" if flip else ", no flip"}, '
+            'linear SVM')
   result.update({
       'method': method, 'dataset': str(data_cfg.get('name', '') or data_cfg.source),
       'data_dir_name': os.path.basename(os.path.normpath(str(data_cfg.get('data_dir', '') or ''))),
