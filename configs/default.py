@@ -6,6 +6,11 @@ Override any field on the command line: --config.optimizer.lr=0.02, --config.dat
 import ml_collections
 
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+# AlexNet's ImageNet lighting statistics (the same numbers as vggjax.preprocessing's, which a test checks).
+IMAGENET_EIGVAL = (55.46, 4.794, 1.148)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,8 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.fc_features = 0            # 0: 4096 * width
   c.model.dropout_rate = 0.5         # on fc6 and fc7
   c.model.init = 'paper'             # paper (Gaussian, std init_std), glorot, torchvision
-  c.model.init_std = 0.01            # Caffe's std; the paper's "variance 1e-2" literally is 0.1
+  c.model.init_std = 0.01            # measured (docs/design.md 16): 0.1, the text's literal, diverges
   c.model.dtype = 'float32'          # compute dtype: float32 or bfloat16 (params stay float32)
+  c.model.pool_ceil = False         # Caffe's ceil rounding in max pooling (dense eval of Caffe weights)
   c.model.remat = False              # recompute conv activations in the backward pass (saves memory)
 
   # --- data (vggjax.data) ---
@@ -37,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_scale = 0              # Q for validation during training (0: S, or (Smin+Smax)/2 if jittered)
   c.data.flip = True                 # random horizontal flip
   c.data.color_shift = 0.1           # std of AlexNet's PCA lighting alpha (0 disables)
+  c.data.pca_eigval = IMAGENET_EIGVAL  # the colour shift's RGB eigenvalues (0-1 pixels x 255) and eigenvectors
+  c.data.pca_eigvec = IMAGENET_EIGVEC  # (columns): ImageNet's; `prepare stats` prints a dataset's own
   c.data.mean_rgb = IMAGENET_MEAN_RGB  # subtracted on the device (0-255 scale)
   c.data.std_rgb = (1.0, 1.0, 1.0)
   c.data.color_order = 'RGB'         # the network's input channel order (BGR for Keras/Caffe weights)
@@ -60,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.nan_policy = 'stop'        # stop (keep the last good checkpoint) or skip (drop the step's update)
   c.train.plot = True                # WORKDIR/curves.png at the end
+  c.train.trainable = ''             # layer-name patterns to train ('fc*', 'fc8', 'conv5_*,fc*'); '' = all
+  c.train.accumulate_steps = 1       # micro-batches per global batch (one update each): the paper's 256 on a
+                                     # small device, the same loss and gradients up to rounding
 
   # --- optimizer (vggjax.optim) ---
   c.optimizer = ml_collections.ConfigDict()
@@ -80,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- warm start (paper 3.1: B-E from A) ---
   c.init_from = ''                   # a workdir or checkpoint of a net to copy layers from
-  c.init_layers = ('conv1_1', 'conv2_1', 'conv3_1', 'conv3_2', 'fc6', 'fc7', 'fc8')
+  c.init_layers = 'paper'            # paper (conv1_1 conv2_1 conv3_1 conv3_2 fc6 fc7 fc8), all (every layer
+                                     # whose name and shape match), or names: 'conv1_1,fc6'
+  c.init_required = ''               # what init_from must name (set by the :384 and :jitter configs); an
+                                     # empty init_from is then an error ('' = optional)
 
   return c

@@ -1,6 +1,8 @@
-"""The paper's net B (vgg13), ImageNet recipe of section 3.1. Warm-started from A when config.init_from names an A run.
+"""The paper's net B (vgg13), ImageNet recipe of section 3.1. The chain (configs/common.py):
 
-    python -m vggjax.main --config=configs/vgg13.py[:256|384|jitter] --workdir=DIR [--config.init_from=A_RUN]
+    python -m vggjax.main --config=configs/vgg13.py --workdir=B256 --config.init_from=A256     # 7 layers of A
+    python -m vggjax.main --config=configs/vgg13.py:384 --workdir=B384 --config.init_from=B256
+    python -m vggjax.main --config=configs/vgg13.py:jitter --workdir=Bjitter --config.init_from=B384
 """
 
 from vggjax.configs import common, default

@@ -1,6 +1,8 @@
-"""The paper's net D (vgg16), ImageNet recipe of section 3.1. Warm-started from A when config.init_from names an A run.
+"""The paper's net D (vgg16), ImageNet recipe of section 3.1. The chain (configs/common.py):
 
-    python -m vggjax.main --config=configs/vgg16.py[:256|384|jitter] --workdir=DIR [--config.init_from=A_RUN]
+    python -m vggjax.main --config=configs/vgg16.py --workdir=D256 --config.init_from=A256     # 7 layers of A
+    python -m vggjax.main --config=configs/vgg16.py:384 --workdir=D384 --config.init_from=D256
+    python -m vggjax.main --config=configs/vgg16.py:jitter --workdir=Djitter --config.init_from=D384
 """
 
 from vggjax.configs import common, default

@@ -1,6 +1,8 @@
-"""The paper's net E (vgg19), ImageNet recipe of section 3.1. Warm-started from A when config.init_from names an A run.
+"""The paper's net E (vgg19), ImageNet recipe of section 3.1. The chain (configs/common.py):
 
-    python -m vggjax.main --config=configs/vgg19.py[:256|384|jitter] --workdir=DIR [--config.init_from=A_RUN]
+    python -m vggjax.main --config=configs/vgg19.py --workdir=E256 --config.init_from=A256     # 7 layers of A
+    python -m vggjax.main --config=configs/vgg19.py:384 --workdir=E384 --config.init_from=E256
+    python -m vggjax.main --config=configs/vgg19.py:jitter --workdir=Ejitter --config.init_from=E384
 """
 
 from vggjax.configs import common, default

@@ -59,6 +59,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'0 (the paper\'s default) or at least data.image_size ({d.image_size})')
   _check(d.color_shift >= 0, 'data.color_shift', d.color_shift, 'a non-negative std (0 disables)')
   _check(len(d.mean_rgb) == 3, 'data.mean_rgb', d.mean_rgb, 'three values (R, G, B)')
+  _validate_pca(d)
   _check(len(d.std_rgb) == 3 and all(s > 0 for s in d.std_rgb), 'data.std_rgb', d.std_rgb,
          'three positive values')
   _choice(config, 'data.color_order', ('RGB', 'BGR'))
@@ -80,10 +81,71 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(o.plateau_max_reductions >= 0, 'optimizer.plateau_max_reductions', o.plateau_max_reductions,
          'non-negative')
   _check(o.warmup_epochs >= 0, 'optimizer.warmup_epochs', o.warmup_epochs, 'non-negative')
-  if config.init_from:
-    bad = [n for n in config.init_layers if n not in models.layer_names(m.name) and not n.startswith('bn')]
-    _check(not bad, 'init_layers', tuple(config.init_layers),
-           f'layer names of {m.name}: {", ".join(models.layer_names(m.name))}')
+  _validate_recipe(config)
+  _validate_head(config)
+
+
+def _validate_pca(d: ml_collections.ConfigDict) -> None:
+  """data.pca_eigval (3 non-negative values) and data.pca_eigvec (3 rows of 3: eigenvectors as columns)."""
+  import numpy as np
+  val, vec = d.get('pca_eigval', (1, 1, 1)), d.get('pca_eigvec', ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+  ok = len(val) == 3
+  try:
+    ok = ok and all(float(v) >= 0 for v in val)
+  except (TypeError, ValueError):
+    ok = False
+  _check(ok, 'data.pca_eigval', val, 'three non-negative eigenvalues (prepare stats prints them)')
+  try:
+    m = np.asarray(vec, np.float64)
+    ok = m.shape == (3, 3) and bool(np.all(np.isfinite(m)))
+  except (TypeError, ValueError):
+    ok = False
+  _check(ok, 'data.pca_eigvec', vec, 'a 3x3 matrix, rows R, G, B, eigenvectors as columns (prepare stats)')
+
+
+def _validate_recipe(config: ml_collections.ConfigDict) -> None:
+  """The paper's recipe fields: warm start (init_layers), freezing (train.trainable), accumulation."""
+  m, t = config.model, config.train
+  from vggjax import train  # the layer-spec parsers (imported here: train imports this module lazily)
+  try:
+    layers = train.parse_init_layers(config.get('init_layers', 'paper'))
+  except ValueError as e:
+    raise ConfigError(f'config.init_layers={config.init_layers!r} is not valid: {e}') from None
+  if config.init_from and layers != 'all':
+    bad = [n for n in layers if n not in models.layer_names(m.name) and not n.startswith('bn')]
+    _check(not bad, 'init_layers', config.init_layers,
+           f"'paper', 'all' or layer names of {m.name}: {', '.join(models.layer_names(m.name))}")
+  patterns = optim.parse_patterns(t.get('trainable', ''))
+  known = models.layer_names(m.name)
+  for p in patterns:  # names of other heads are checked against the built model in train
+    _check(any(c in p for c in '*?[') or p in known or not p.startswith(('conv', 'fc', 'bn')),
+           'train.trainable', t.trainable,
+           f'comma-separated layer-name patterns (fc*, conv5_*, fc8); {p!r} is not a layer of {m.name}: '
+           f'{", ".join(known)}')
+  k = t.get('accumulate_steps', 1)
+  _check(isinstance(k, int) and k >= 1 and t.global_batch_size % k == 0, 'train.accumulate_steps', k,
+         f'a positive divisor of train.global_batch_size ({t.global_batch_size}): equal micro-batches')
+
+
+def check_init_required(config: ml_collections.ConfigDict) -> None:
+  """A config that continues another run (the :384 and :jitter steps of the paper's chain set init_required)
+  needs init_from. Checked when training starts (planning and evaluating with such a config need none)."""
+  required = config.get('init_required', '')
+  _check(not required or bool(config.init_from), 'init_from', config.init_from,
+         f'this config continues {required}: --config.init_from=THAT_RUN (a workdir or weights directory). '
+         f'To train from scratch at lr {config.optimizer.lr} anyway, set --config.init_required=\'\'')
+
+
+def _validate_head(config: ml_collections.ConfigDict) -> None:
+  """model.head (optional, default 'classify'): a box head (scr, pcr: paper Appendix A) trains on boxes."""
+  from vggjax import localization_model
+  from vggjax.data import boxes_source
+  head = config.model.get('head', 'classify')
+  _check(head in localization_model.HEADS, 'model.head', head, 'one of ' + ', '.join(localization_model.HEADS))
+  if head != 'classify':
+    _check(boxes_source.has_boxes(config.data), 'data.boxes_file', config.data.get('boxes_file', ''),
+           f'a boxes file (data.source=folder) or data.bbox_key (source=tfds): model.head={head} regresses '
+           f'boxes')
 
 
 def resolve(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:

@@ -90,7 +90,7 @@ from flax import linen as nn  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, models, parallel  # noqa: E402
+from vggjax import checkpoints, models, parallel, preprocessing  # noqa: E402
 from vggjax.preprocessing import Normalization, normalize  # noqa: E402
 
 log = logging.getLogger('vggjax')
@@ -110,17 +110,14 @@ RESULTS_FILE = 'eval.json'
 
 def single_scale(scale_min: int, scale_max: int) -> int:
   """The paper's single test scale (4.1): Q = S for a fixed S, (Smin + Smax) / 2 for a jittered S."""
-  return (int(scale_min) + int(scale_max)) // 2
+  return preprocessing.single_test_scale(scale_min, scale_max)
 
 
 def default_scales(scale_min: int, scale_max: int, image_size: int, multiscale: bool = False
                    ) -> tuple[int, ...]:
   """The paper's test scales (4.1, 4.2): one Q, or {S-32, S, S+32} (fixed S), {Smin, mid, Smax} (jittered).
   Scales below the training size (S - 32 when S is the training size) are left out."""
-  smin, smax = int(scale_min), int(scale_max)
-  if not multiscale:
-    return (single_scale(smin, smax),)
-  qs = (smin - 32, smin, smin + 32) if smin == smax else (smin, single_scale(smin, smax), smax)
+  qs = preprocessing.test_scales(scale_min, scale_max, multiscale)
   kept = tuple(q for q in qs if q >= image_size)
   if len(kept) < len(qs):
     log.warning('test scales %s: dropped %s, below the training size %d', qs,

@@ -27,10 +27,10 @@ import numpy as np
 
 from vggjax import checkpoints
 from vggjax.predict import apply_batched, as_image, list_images, progress_bar, resize_smaller_side
-from vggjax.preprocessing import Normalization, normalize
+from vggjax.preprocessing import Normalization, normalize, test_scales
 
 COMBINE = ('average', 'stack')
-PAPER_SCALES = (256, 384, 512)
+PAPER_SCALES = test_scales(256, 512, multiscale=True)  # (256, 384, 512): multi-scale Q for S in [256; 512]
 
 
 def _descriptor_fn(model, norm: Normalization, flip: bool = True) -> Callable:

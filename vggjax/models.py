@@ -102,13 +102,33 @@ def local_response_norm(x: jax.Array, size: int = LRN_SIZE, alpha: float = LRN_A
   return (x.astype(jnp.float32) / jnp.power(k + alpha * window, beta)).astype(x.dtype)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
+def max_pool_2x2(x: jax.Array, ceil: bool = False) -> jax.Array:
   """The 2x2/2 max pool as a reshape and a max over the window axes (odd sizes drop the last row/column, as
   VALID pooling does). Its gradient is an elementwise select rather than XLA's select-and-scatter: faster on
-  the CPU, the same values."""
+  the CPU, the same values.
+
+  ``ceil``: Caffe's rounding (the authors' framework and that of the released models): an odd size keeps its
+  last row/column as a window of its own, so the output is ceil(h / 2) x ceil(w / 2). Identical at even
+  sizes (every size of the training crop), different in dense evaluation of odd-sized maps."""
   n, h, w, c = x.shape
+  if ceil and (h % 2 or w % 2):
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    n, h, w, c = x.shape
   x = x[:, :h // 2 * 2, :w // 2 * 2]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array, example_ids: jax.Array | None = None) -> jax.Array:
+  """Inverted dropout. With ``example_ids`` (N,) each example's mask is drawn from fold_in(rng, its id), so
+  an example keeps its mask whatever batch it is computed in: the train step's gradient accumulation
+  (micro-batches of one global batch) draws the same masks as the whole batch."""
+  keep = 1.0 - rate
+  if example_ids is None:
+    mask = jax.random.bernoulli(rng, keep, x.shape)
+  else:
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
+    mask = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(keys)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class _FC6(nn.Conv):
@@ -157,8 +177,11 @@ class VGG(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters are always float32, logits float32.
     init_scheme: 'paper' (zero-mean Gaussian of std ``init_std``, biases 0), 'glorot' (Glorot uniform,
       biases 0) or 'torchvision' (Kaiming normal fan-out convs, N(0, 0.01) FC).
-    init_std: the std of the 'paper' init. 0.01 by default: the original Caffe release used std 0.01,
-      and so do common ports. The paper's text says "variance 1e-2"; set 0.1 to read it literally.
+    pool_ceil: Caffe-style ceil rounding in max pooling (see max_pool_2x2), for dense evaluation of weights
+      trained in Caffe; the default rounds down (identical at the training size).
+    init_std: the std of the 'paper' init. 0.01 by default, for a measured reason (docs/design.md,
+      decision 16): at 0.1 (the text's "variance 1e-2" read literally) activations grow about 4x per layer
+      and training diverges; at 0.01 net A trains. Set 0.1 to read the text literally.
   """
   stages: tuple
   num_classes: int = 1000
@@ -171,13 +194,15 @@ class VGG(nn.Module):
   dtype: Any = jnp.float32
   init_scheme: str = 'paper'
   init_std: float = 0.01
+  pool_ceil: bool = False
 
   @property
   def fc6_kernel(self) -> int:
     return max(1, self.image_size // 32)
 
   @nn.compact
-  def _forward(self, x: jax.Array, train: bool, output: str) -> jax.Array:
+  def _forward(self, x: jax.Array, train: bool, output: str,
+               example_ids: jax.Array | None = None) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'expected images of shape (N, H, W, 3), got {x.shape}')
     if min(x.shape[1:3]) < self.image_size:
@@ -197,7 +222,7 @@ class VGG(nn.Module):
         x = nn.relu(x)
         if self.lrn and name == 'conv1_1':
           x = local_response_norm(x)
-      x = max_pool_2x2(x)
+      x = max_pool_2x2(x, self.pool_ceil)
       x = checkpoint_name(x, 'block_out')  # what remat keeps (see vggjax.train)
     if output == 'pool5':
       return x.astype(jnp.float32)
@@ -205,19 +230,25 @@ class VGG(nn.Module):
     k6 = self.fc6_kernel
     x = _FC6(fc, (k6, k6), padding='VALID', dtype=self.dtype, kernel_init=fc_init, bias_init=zeros,
              name='fc6')(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    x = self._dropout(nn.relu(x), train, example_ids)
     x = nn.Conv(fc, (1, 1), dtype=self.dtype, kernel_init=fc_init, bias_init=zeros, name='fc7')(x)
     x = nn.relu(x)
     if output == 'fc7':
       return x.astype(jnp.float32)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = self._dropout(x, train, example_ids)
     x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=fc_init, bias_init=zeros,
                 name='fc8')(x)
     return x.astype(jnp.float32)
 
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Class logits (N, classes): the FC net at the training size, the averaged score map above it."""
-    return jnp.mean(self._forward(x, train, 'fc8'), axis=(1, 2))
+  def _dropout(self, x: jax.Array, train: bool, example_ids: jax.Array | None) -> jax.Array:
+    if not train or self.dropout_rate == 0:
+      return x
+    return dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
+
+  def __call__(self, x: jax.Array, train: bool = False, example_ids: jax.Array | None = None) -> jax.Array:
+    """Class logits (N, classes): the FC net at the training size, the averaged score map above it.
+    ``example_ids``: per-example dropout masks (see ``dropout``; the train step passes them)."""
+    return jnp.mean(self._forward(x, train, 'fc8', example_ids), axis=(1, 2))
 
   def score_map(self, x: jax.Array, train: bool = False) -> jax.Array:
     """The class score map (N, h, w, classes); h = w = 1 at the training size."""

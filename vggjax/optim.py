@@ -8,13 +8,18 @@
 * The learning rate is an argument of the jitted step (a scalar array), so a schedule never recompiles:
   ``Schedule.lr(step)`` on the host, with the paper's reduce-on-plateau driven by validation top-1 through
   ``Schedule.on_eval``. Its state is a small JSON-able dict saved in every checkpoint.
+* Freezing (``train.trainable``, layer-name patterns): the optimizer sees only the matching layers, so a
+  frozen layer gets no update, no weight decay and no optimizer state (no momentum buffer: FC-only training
+  of VGG-16 holds momentum for 120M parameters, not 138M). The paper's localisation net fine-tunes only the
+  FC layers (``trainable='fc*'``); transfer learning often trains fc8 alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import optax
@@ -30,15 +35,96 @@ def decay_mask(params: Any, decay_biases: bool = False) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-  """SGD + momentum with coupled L2; the learning rate is injected (set it in opt_state each step)."""
+def make_optimizer(opt_cfg, trainable: str | Sequence[str] = '') -> optax.GradientTransformation:
+  """SGD + momentum with coupled L2; the learning rate is injected (set it in opt_state each step).
+  ``trainable`` (``train.trainable``): layer-name patterns; only those layers are optimised (see freeze)."""
   decay = opt_cfg.weight_decay
   parts = []
   if decay:
     parts.append(optax.add_decayed_weights(decay, mask=lambda p: decay_mask(p, opt_cfg.decay_biases)))
   parts.append(optax.inject_hyperparams(optax.sgd)(
       learning_rate=opt_cfg.lr, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  patterns = parse_patterns(trainable)
+  return freeze(tx, patterns) if patterns else tx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Freezing: train.trainable
+
+
+def parse_patterns(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+  """Layer-name patterns from a config string ('fc6,fc7,fc8', 'fc*', 'conv5_*,fc*') or a sequence of them.
+  '' , '*' or 'all' mean every layer (returned as ())."""
+  if spec is None:
+    return ()
+  if isinstance(spec, str):
+    spec = spec.strip().strip('()[]').split(',')
+  out = []
+  for item in spec:
+    for piece in str(item).split(','):
+      piece = piece.strip().strip('\'"').strip()
+      if piece:
+        out.append(piece)
+  return () if not out or any(p in ('*', 'all') for p in out) else tuple(out)
+
+
+def is_trainable(layer: str, patterns: Sequence[str]) -> bool:
+  """Whether a top-level layer (a key of params: conv1_1, fc8, bn1_1, a head's name) is trained. A conv
+  layer's batch norm (bnX_Y) follows its conv (convX_Y) unless a pattern names it."""
+  if not patterns:
+    return True
+  names = [layer]
+  if layer.startswith('bn') and layer[2:3].isdigit():
+    names.append('conv' + layer[2:])
+  return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def split_trainable(params: dict, patterns: Sequence[str]) -> tuple[dict, dict]:
+  """(trainable layers, frozen layers) of a params dict keyed by layer name."""
+  train = {k: v for k, v in params.items() if is_trainable(k, patterns)}
+  return train, {k: v for k, v in params.items() if k not in train}
+
+
+def check_patterns(layers: Sequence[str], patterns: Sequence[str]) -> None:
+  """Raises ValueError naming a pattern that matches none of ``layers`` (a typo would freeze everything)."""
+  for p in patterns:
+    if not any(is_trainable(layer, (p,)) for layer in layers):
+      raise ValueError(f'train.trainable pattern {p!r} matches no layer of this model; its layers: '
+                       f'{", ".join(layers)}')
+  if not any(is_trainable(layer, patterns) for layer in layers):
+    raise ValueError(f'train.trainable={",".join(patterns)!r} leaves no layer to train')
+
+
+class FrozenTransformation(NamedTuple):
+  """A GradientTransformation that runs ``inner`` on the layers matching ``trainable`` only: its state is
+  the inner state of those layers (so set_learning_rate works unchanged), and the updates of other layers
+  are zero. The train step reads ``trainable`` and differentiates only those layers."""
+  init: Callable
+  update: Callable
+  trainable: tuple[str, ...]
+
+
+def freeze(tx: optax.GradientTransformation, patterns: Sequence[str]) -> FrozenTransformation:
+  """``tx`` restricted to the layers matching ``patterns`` (top-level keys of the params dict)."""
+  patterns = tuple(patterns)
+
+  def init(params):
+    return tx.init(split_trainable(params, patterns)[0])
+
+  def update(updates, state, params=None):
+    train_updates, frozen = split_trainable(updates, patterns)
+    train_params = None if params is None else split_trainable(params, patterns)[0]
+    new_updates, state = tx.update(train_updates, state, train_params)
+    zeros = jax.tree_util.tree_map(lambda g: jax.numpy.zeros_like(g), frozen)
+    return {**zeros, **new_updates}, state
+
+  return FrozenTransformation(init, update, patterns)
+
+
+def trainable_patterns(tx) -> tuple[str, ...]:
+  """The patterns of a frozen transformation (() when every layer is trained)."""
+  return tuple(getattr(tx, 'trainable', ()) or ())
 
 
 def set_learning_rate(opt_state: Any, lr: jax.Array) -> Any:

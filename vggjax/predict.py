@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from vggjax import checkpoints, labels as labels_lib
-from vggjax.preprocessing import Normalization, normalize
+from vggjax.preprocessing import Normalization, normalize, single_test_scale
 
 PROTOCOLS = ('single', 'dense')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
@@ -133,7 +133,7 @@ def default_scale(meta: dict) -> int:
   otherwise image_size * 256 / 224 (256 at 224: the ratio torchvision and Caffe evaluate at)."""
   data = meta.get('data') or {}
   if data.get('scale_min') and data.get('scale_max'):
-    return int(round((data['scale_min'] + data['scale_max']) / 2))
+    return single_test_scale(data['scale_min'], data['scale_max'])
   return int(round(meta['model']['image_size'] * 256 / 224))
 
 

@@ -4,6 +4,8 @@
   of the training set (0-255 scale); torchvision's weights expect [0, 1] with mean/std; Keras' and Caffe's
   expect BGR with the mean subtracted. Imported weights record theirs and vggjax applies it.
 * ``pca_lighting``: the random RGB colour shift of Krizhevsky et al. (2012) that the paper uses (3.1).
+* ``single_test_scale`` / ``test_scales``: the paper's test scales Q (4.1, 4.2), the one definition that
+  validation during training, evaluate, predict and features use.
 """
 
 from __future__ import annotations
@@ -95,3 +97,19 @@ def rgb_covariance_eig(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   w, v = np.linalg.eigh(np.cov(pixels, rowvar=False))
   order = np.argsort(w)[::-1]
   return np.maximum(w[order], 0) * 255.0, v[:, order]
+
+
+def single_test_scale(scale_min: int, scale_max: int) -> int:
+  """The paper's single test scale (4.1): Q = S for a fixed S, Q = 0.5 (Smin + Smax) for a jittered S,
+  rounded half up when the sum is odd ([256, 511] -> 384)."""
+  return (int(scale_min) + int(scale_max) + 1) // 2
+
+
+def test_scales(scale_min: int, scale_max: int, multiscale: bool = False) -> tuple[int, ...]:
+  """The paper's test scales: (Q,), or with ``multiscale`` (4.2) {S - 32, S, S + 32} for a fixed S and
+  {Smin, Q, Smax} for a jittered S. Callers drop scales below their net's training size."""
+  smin, smax = int(scale_min), int(scale_max)
+  q = single_test_scale(smin, smax)
+  if not multiscale:
+    return (q,)
+  return (smin - 32, smin, smin + 32) if smin == smax else (smin, q, smax)

@@ -31,10 +31,11 @@ import numpy as np
 import optax
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, models, optim, parallel
 from vggjax import logging as vlog
-from vggjax.preprocessing import Normalization, normalize, pca_lighting
+from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
 
 if TYPE_CHECKING:  # configs are ml_collections ConfigDicts; the step functions need no ml_collections
   import ml_collections
@@ -70,6 +71,11 @@ def build_model(config: ml_collections.ConfigDict, **overrides) -> models.VGG:
   options = dict(num_classes=m.num_classes, width=m.width, fc_features=m.fc_features or None,
                  image_size=config.data.image_size, dropout_rate=m.dropout_rate, dtype=m.dtype,
                  init=m.init, init_std=m.init_std)
+  if m.get('pool_ceil', False):
+    options['pool_ceil'] = True
+  if m.get('head', 'classify') != 'classify':  # localisation (paper Appendix A): fc8 regresses boxes
+    from vggjax import localization_model
+    options['num_classes'] = localization_model.box_outputs(m.head, m.num_classes)
   options.update(overrides)
   return models.get_model(m.name, **options)
 
@@ -110,43 +116,124 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+# The objective of config.model.head: class scores with cross-entropy ('classify', the default), or boxes
+# (paper Appendix A: 'scr', 'pcr') with the Euclidean loss. A box example's targets travel through the step as
+# one float row [label, cx, cy, w, h, valid], so micro-batches split them as they split labels.
+
+
+def step_targets(batch: dict, head: str = 'classify') -> jax.Array:
+  if head == 'classify':
+    return batch['label']
+  return jnp.concatenate([batch['label'][:, None].astype(jnp.float32), batch['box'].astype(jnp.float32),
+                          batch['box_valid'][:, None].astype(jnp.float32)], axis=1)
+
+
+def per_example_loss(outputs: jax.Array, targets: jax.Array, head: str = 'classify') -> jax.Array:
+  """Cross-entropy, or half the squared distance of the class's box to the target (0 where the crop kept
+  no box: such examples are masked out of the loss)."""
+  if head == 'classify':
+    return _cross_entropy(outputs, targets)
+  from vggjax import localization_model as lm
+  pred = lm.class_box(outputs, targets[:, 0].astype(jnp.int32), head)
+  return lm.euclidean_loss(pred, targets[:, 1:5]) * targets[:, 5]
+
+
+def per_example_hits(outputs: jax.Array, targets: jax.Array, head: str = 'classify') -> jax.Array:
+  """Top-1 correct, or (boxes) the class's box overlaps the target by IoU > 0.5 (the class given)."""
+  if head == 'classify':
+    return jnp.argmax(outputs, -1) == targets
+  from vggjax import localization_model as lm
+  pred = lm.class_box(outputs, targets[:, 0].astype(jnp.int32), head)
+  return (lm.box_iou(pred, targets[:, 1:5]) > 0.5) & (targets[:, 5] > 0)
+
+
 def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *,
                     norm: Normalization = Normalization(), color_shift: float = 0.1, remat: bool = False,
-                    nan_policy: str = 'stop') -> Callable:
-  """The jitted step: (state, batch {'image': uint8, 'label': int32}, lr) -> (state, metrics)."""
+                    nan_policy: str = 'stop', accumulate_steps: int = 1,
+                    eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC, head: str = 'classify') -> Callable:
+  """The jitted step: (state, batch {'image': uint8, 'label': int32}, lr) -> (state, metrics).
+
+  head: 'classify', or 'scr'/'pcr' for a box net (batches also hold 'box' and 'box_valid'; see
+  per_example_loss; train_top1 is then the fraction of crops whose box has IoU > 0.5 with the true box).
+
+  Freezing: with a transformation from optim.make_optimizer(..., trainable=...), only the trainable layers
+  are differentiated and updated; the others are constants of the step.
+
+  Gradient accumulation (``accumulate_steps`` = k): the global batch is split into k micro-batches
+  (micro-batch j holds examples j, j+k, j+2k, ..., so each device keeps its share of every one), run one
+  after another inside the step (lax.scan), and their gradients summed: one update per global batch, with
+  the loss and gradients of the whole batch up to float rounding. Activation memory is that of one
+  micro-batch. The colour shift is drawn for the whole batch and dropout per example (from the example's
+  index in the global batch), so the randomness is the same for any k. Batch norm (the _bn nets) normalises
+  each micro-batch with its own statistics and updates the running averages once per micro-batch, in
+  order, as k forward passes of a small-batch run would; so for batch-norm nets k micro-batches are not one
+  big batch.
+  """
   has_bn = bool(model.batch_norm)
+  patterns = optim.trainable_patterns(tx)
+  k = int(accumulate_steps)
+  if k < 1:
+    raise ValueError(f'accumulate_steps={accumulate_steps} must be at least 1')
 
   def step_fn(state: TrainState, batch: dict, lr: jax.Array):
     rng = jax.random.fold_in(state.rng, state.step)
     color_rng, dropout_rng = jax.random.split(rng)
-    images = pca_lighting(color_rng, batch['image'].astype(jnp.float32), color_shift)
+    images = pca_lighting(color_rng, batch['image'].astype(jnp.float32), color_shift, eigval, eigvec)
     x = normalize(images, norm)
-    labels = batch['label']
+    labels = step_targets(batch, head)
+    n = batch['image'].shape[0]
+    if n % k:
+      raise ValueError(f'the batch of {n} does not split into {k} micro-batches (train.accumulate_steps)')
+    ids = jnp.arange(n, dtype=jnp.int32)
+    train_params, frozen_params = optim.split_trainable(state.params, patterns)
 
-    def loss_fn(params):
-      variables = {'params': params}
+    def loss_fn(p, stats, x, labels, ids):
+      """The micro-batch's summed loss / n (so the micro-batches' sum is the batch mean)."""
+      variables = {'params': {**frozen_params, **p}}
+      kw = dict(train=True, rngs={'dropout': dropout_rng}, example_ids=ids)
       if has_bn:
-        variables['batch_stats'] = state.batch_stats
-        logits, new_vars = model.apply(variables, x, train=True, rngs={'dropout': dropout_rng},
-                                       mutable=['batch_stats'])
-        new_stats = new_vars['batch_stats']
+        variables['batch_stats'] = stats
+        logits, new_vars = model.apply(variables, x, mutable=['batch_stats'], **kw)
+        stats = new_vars['batch_stats']
       else:
-        logits = model.apply(variables, x, train=True, rngs={'dropout': dropout_rng})
-        new_stats = state.batch_stats
-      return _cross_entropy(logits, labels).mean(), (logits, new_stats)
+        logits = model.apply(variables, x, **kw)
+      return per_example_loss(logits, labels, head).sum() / n, (logits, stats)
 
     if remat:  # keep only the pooled output of each conv block; recompute inside blocks
       loss_fn = jax.checkpoint(loss_fn, policy=jax.checkpoint_policies.save_only_these_names('block_out'))
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+      (loss, (logits, new_stats)), grads = grad_fn(train_params, state.batch_stats, x, labels, ids)
+      hits = jnp.sum(per_example_hits(logits, labels, head).astype(jnp.float32))
+    else:
+      def split(a):  # (n, ...) -> (k, n/k, ...): micro-batch j = examples j, j+k, ...
+        a = a.reshape((n // k, k) + a.shape[1:])
+        return jax.lax.with_sharding_constraint(jnp.swapaxes(a, 0, 1),
+                                                jax.sharding.NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+
+      def body(carry, micro):
+        loss_sum, hit_sum, grad_sum, stats = carry
+        (loss, (logits, stats)), g = grad_fn(train_params, stats, *micro)
+        grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, g)
+        hits = jnp.sum(per_example_hits(logits, micro[1], head).astype(jnp.float32))
+        return (loss_sum + loss, hit_sum + hits, grad_sum, stats), None
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, train_params)
+      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, state.batch_stats)
+      micro = jax.tree_util.tree_map(split, (x, labels, ids))
+      (loss, hits, grads, new_stats), _ = jax.lax.scan(body, init, micro)
     opt_state = optim.set_learning_rate(state.opt_state, lr)
-    updates, new_opt_state = tx.update(grads, opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = tx.update(grads, opt_state, train_params)
+    new_params = {**frozen_params, **optax.apply_updates(train_params, updates)}
     grad_norm = optax.global_norm(grads)
     fault_now = jnp.select([~jnp.isfinite(loss), ~_all_finite(grads), ~_all_finite(updates)], [1, 2, 3],
                            0).astype(jnp.int32)
     ok = fault_now == 0
     if nan_policy == 'stop':
       ok = ok & (state.fault == 0)
+    if has_bn and patterns:  # a frozen layer's batch norm keeps its running statistics too
+      new_stats = {name: (v if optim.is_trainable(name, patterns) else state.batch_stats[name])
+                   for name, v in new_stats.items()}
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     first = (state.fault == 0) & (fault_now != 0)
     new_state = state.replace(
@@ -154,7 +241,7 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
         batch_stats=keep(new_stats, state.batch_stats), opt_state=keep(new_opt_state, opt_state),
         fault=jnp.where(first, fault_now, state.fault),
         fault_step=jnp.where(first, state.step, state.fault_step))
-    metrics = {'loss': loss, 'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+    metrics = {'loss': loss, 'train_top1': hits / n,
                'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32),
                'fault': new_state.fault, 'fault_step': new_state.fault_step}
     return new_state, metrics
@@ -163,8 +250,11 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
   return jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
 
 
-def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization()) -> Callable:
+def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization(),
+                   head: str = 'classify') -> Callable:
   """The jitted eval step: (variables, batch with 'mask') -> sums of top-1/top-5 hits, loss and count."""
+  if head != 'classify':
+    return _make_box_eval_step(model, mesh, norm, head)
   k = min(5, model.num_classes)
 
   def eval_fn(variables, batch):
@@ -174,6 +264,23 @@ def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization(
     hits = topk == labels[:, None]
     return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(jnp.any(hits, -1) * mask),
             'loss': jnp.sum(_cross_entropy(logits, labels) * mask), 'count': jnp.sum(mask)}
+
+  return jax.jit(eval_fn, out_shardings=parallel.replicated(mesh))
+
+
+def _make_box_eval_step(model: models.VGG, mesh, norm: Normalization, head: str) -> Callable:
+  """A box net's eval step on central crops: 'top1' (and 'top5', the same: the class is given) counts the
+  crops whose box for the true class overlaps the true box by IoU > 0.5; 'iou' sums the IoUs; 'loss' the
+  Euclidean loss."""
+  from vggjax import localization_model as lm
+
+  def eval_fn(variables, batch):
+    outputs = model.apply(variables, normalize(batch['image'], norm), train=False)
+    targets, mask = step_targets(batch, head), batch['mask'].astype(jnp.float32)
+    hits = per_example_hits(outputs, targets, head).astype(jnp.float32) * mask
+    iou = lm.box_iou(lm.class_box(outputs, batch['label'], head), batch['box']) * targets[:, 5] * mask
+    return {'top1': jnp.sum(hits), 'top5': jnp.sum(hits), 'iou': jnp.sum(iou),
+            'loss': jnp.sum(per_example_loss(outputs, targets, head) * mask), 'count': jnp.sum(mask)}
 
   return jax.jit(eval_fn, out_shardings=parallel.replicated(mesh))
 
@@ -196,7 +303,8 @@ def evaluate(eval_step: Callable, variables: dict, batches, mesh, stop: Callable
   total = parallel.to_host(total)
   n = float(total['count'])
   return {'val_top1': float(total['top1']) / n, 'val_top5': float(total['top5']) / n,
-          'val_loss': float(total['loss']) / n, 'val_count': int(n)}
+          'val_loss': float(total['loss']) / n, 'val_count': int(n),
+          **{f'val_{k}': float(v) / n for k, v in total.items() if k not in ('top1', 'top5', 'loss', 'count')}}
 
 
 def parse_init_layers(spec) -> str | tuple[str, ...]:
@@ -257,7 +365,8 @@ def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization
   if layers == 'all':
     layers, fresh = _matching_layers(src, params, stats)
     if not layers:
-      raise ValueError(f'warm start: no layer of {source} matches this model by name and shape ({"; ".join(fresh)})')
+      raise ValueError(f'warm start: no layer of {source} matches this model by name and shape '
+                       f'({"; ".join(fresh)})')
     if model_name and src_name and models.canonical_name(src_name) != models.canonical_name(model_name):
       log.warning("warm start: init_layers='all' from %s into %s copies %d layers by name and shape; the "
                   "paper's warm start of a deeper net from A copies only %s (init_layers='paper')",
@@ -276,11 +385,30 @@ def warm_start(state: TrainState, source: str, layers, mesh, norm: Normalization
         target[layer][name] = np.asarray(value, target[layer][name].dtype)
     if not found:
       raise ValueError(f'warm start: layer {layer} is not in {source} ({", ".join(src["params"])})')
-  log.info('warm start from %s (%s): copied %d layers: %s%s', source, src_name, len(layers), ', '.join(layers),
-           f'; fresh: {", ".join(fresh)}' if fresh else '')
+  log.info('warm start from %s (%s): copied %d layers: %s%s', source, src_name, len(layers),
+           ', '.join(layers), f'; fresh: {", ".join(fresh)}' if fresh else '')
   rep = parallel.replicated(mesh)
   return state.replace(params=jax.device_put(params, rep),
                        batch_stats=jax.device_put(stats, rep) if stats else state.batch_stats)
+
+
+DEEP_NETS = ('vgg13', 'vgg16_c', 'vgg16', 'vgg19')  # B-E: the nets the paper warm-starts from A
+
+
+def warn_deep_from_scratch(config: ml_collections.ConfigDict) -> bool:
+  """Logs a warning (and returns True) when a deep net (B-E, no batch norm) with the paper's Gaussian init
+  starts from scratch: the case the paper (3.1) says stalls ("bad initialisation can stall learning due to
+  the instability of gradient in deep nets")."""
+  name = models.canonical_name(config.model.name)
+  if name not in DEEP_NETS or config.init_from or config.model.init != 'paper':
+    return False
+  log.warning('%s (net %s) starts from scratch with the paper\'s Gaussian init (std %g): the paper (3.1) '
+              'trains only net A this way, because bad initialisation stalls deep nets, and initialises '
+              'B-E from A. Either --config.init_from=A_RUN (a trained vgg11 run: conv1_1, conv2_1, '
+              'conv3_1, conv3_2, fc6, fc7, fc8 are copied) or --config.model.init=glorot (the paper\'s '
+              'note: Glorot init trains without pre-training).', name, models.ARCHS[name].paper_name,
+              config.model.init_std)
+  return True
 
 
 class _IteratorState:
@@ -410,6 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   from vggjax.data import pipeline  # the data layer (imported here: the step functions need none of it)
 
   config_lib.validate(config)
+  config_lib.check_init_required(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   info = pipeline.dataset_info(config.data)
@@ -425,13 +554,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   eval_every = t.eval_every_steps or steps_per_epoch
 
   model = build_model(config)
-  tx = optim.make_optimizer(config.optimizer)
+  tx = optim.make_optimizer(config.optimizer, trainable=t.get('trainable', ''))
+  if optim.trainable_patterns(tx):
+    optim.check_patterns(list(models.variable_shapes(model)['params']), optim.trainable_patterns(tx))
+  accumulate = int(t.get('accumulate_steps', 1))
+  parallel.check_batch_size(t.global_batch_size // accumulate, mesh)
   schedule = optim.Schedule.from_config(config.optimizer, steps_per_epoch, total_steps)
   norm = normalization(config)
   train_step = make_train_step(model, tx, mesh, norm=norm, color_shift=config.data.color_shift,
-                               remat=config.model.remat, nan_policy=t.nan_policy)
+                               remat=config.model.remat, nan_policy=t.nan_policy, accumulate_steps=accumulate,
+                               eigval=tuple(config.data.get('pca_eigval', IMAGENET_EIGVAL)),
+                               eigvec=tuple(map(tuple, config.data.get('pca_eigvec', IMAGENET_EIGVEC))),
+                               head=config.model.get('head', 'classify'))
   eval_model = build_model(config, dropout_rate=0.0)
-  eval_step = make_eval_step(eval_model, mesh, norm)
+  eval_step = make_eval_step(eval_model, mesh, norm, head=config.model.get('head', 'classify'))
   it = pipeline.train_iterator(config.data, global_batch_size=t.global_batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = TrainCheckpointer(workdir, keep=t.keep_checkpoints)
@@ -448,9 +584,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     log.info('resumed from %s at step %d', ckpt.manager.directory, start)
   else:
     start = 0
+    warn_deep_from_scratch(config)
     state = create_train_state(model, tx, mesh, config.seed)
     if config.init_from:
-      state = warm_start(state, config.init_from, config.init_layers, mesh, norm)
+      state = warm_start(state, config.init_from, config.init_layers, mesh, norm,
+                         model_name=config.model.name)
   if is_main:
     config_lib.write(config, workdir, {'labels': info.class_names,
                                        'dataset': {'num_train': info.num_train, 'num_eval': info.num_eval}})

@@ -81,10 +81,12 @@ def dataset_info(data_cfg) -> DatasetInfo:
 
 
 def eval_scale(data_cfg) -> int:
-  """Q for validation: data.eval_scale, or S when fixed, or (Smin + Smax) // 2 when jittered."""
+  """Q for validation: data.eval_scale, or the paper's single test scale (preprocessing.single_test_scale:
+  S when fixed, (Smin + Smax) / 2 when jittered)."""
   if data_cfg.get('eval_scale', 0):
     return int(data_cfg.eval_scale)
-  return (int(data_cfg.scale_min) + int(data_cfg.scale_max)) // 2
+  from vggjax.preprocessing import single_test_scale
+  return single_test_scale(data_cfg.scale_min, data_cfg.scale_max)
 
 
 def bad_records() -> dict[str, int]:

@@ -11,7 +11,8 @@ data.image_size (the evaluation transform at Q = Smin), and the statistics are o
 crops, on the 0-255 scale. ``--num_images`` > 0 uses a fixed random sample (seed 0) of the training split;
 0 uses all of it. The eigenvalues follow ``vggjax.preprocessing.IMAGENET_EIGVAL``'s convention (eigenvalues
 of the covariance of 0-1 pixels, times 255, descending; eigenvectors as columns). The command prints the
-``--config.data.mean_rgb=...`` overrides to use.
+``--config.data.mean_rgb=...`` overrides to use, and the ``--config.data.pca_eigval=... pca_eigvec=...``
+ones that make the colour shift use the dataset's own RGB covariance (ImageNet's is the default).
 
 Converting a TFDS dataset prepared as tfrecord (which random access cannot read) to array_record, in place
 (the converted shards sit beside the tfrecord ones and TFDS picks them for random access):
@@ -67,6 +68,13 @@ class RgbMoments:
     return {'mean_rgb': mean.tolist(), 'std_rgb': np.sqrt(np.diag(cov)).tolist(),
             'eigval': (np.maximum(w[order], 0) * 255.0).tolist(), 'eigvec': v.tolist(),
             'num_pixels': int(self.count)}
+
+
+def pca_flags(stats: dict) -> str:
+  """The --config.data.pca_eigval/pca_eigvec overrides for the eigen-decomposition in ``stats``."""
+  val = '(' + ', '.join(f'{x:.4g}' for x in stats['eigval']) + ')'
+  vec = '(' + ', '.join('(' + ', '.join(f'{x:.4f}' for x in row) + ')' for row in stats['eigvec']) + ')'
+  return f'--config.data.pca_eigval="{val}" --config.data.pca_eigvec="{vec}"'
 
 
 def compute_stats(data_cfg, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
@@ -210,7 +218,9 @@ def main(argv=None) -> None:
     fmt = lambda xs: '(' + ', '.join(f'{x:.3f}' for x in xs) + ')'  # noqa: E731
     print(f'\n# {stats["num_images"]} images of {stats["source"]}; use:\n'
           f'--config.data.mean_rgb="{fmt(stats["mean_rgb"])}"\n'
-          f'# (std_rgb {fmt(stats["std_rgb"])}; colour-shift eigval {fmt(stats["eigval"])})')
+          f'# (std_rgb {fmt(stats["std_rgb"])})\n'
+          f'# and for the colour shift (AlexNet\'s PCA lighting) with this dataset\'s statistics:\n'
+          f'{pca_flags(stats)}')
 
   app.run(run, argv=argv)
 
