@@ -4,7 +4,7 @@ No dataset with bounding boxes ships offline, so this one is made from real pict
 
 * objects: Fashion-MNIST items (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``; 28x28 greyscale
   photographs of clothes on black), each cut out by its own intensity (a soft alpha mask), tinted with a random
-  colour, resized to 25-60% of the picture's shorter side and pasted at a uniformly random position;
+  colour, resized to 35-70% of the picture's shorter side and pasted at a uniformly random position;
 * backgrounds: the real photographs that ship with scikit-learn (china, flower) and scikit-image
   (astronaut, chelsea, coffee, rocket, the Hubble deep field, immunohistochemistry, grass, gravel, brick,
   camera), a random window of 40-100% of the photograph's shorter side each time, resized to the picture.
@@ -36,7 +36,7 @@ CLASS_DIRS = ('tshirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 's
               'ankle_boot')
 SHORT_SIDE = 96
 LONG_SIDES = (96, 112, 128, 144)
-OBJECT_FRACTION = (0.25, 0.6)  # the object's longer side, as a fraction of the picture's shorter side
+OBJECT_FRACTION = (0.35, 0.7)  # the object's longer side, as a fraction of the picture's shorter side
 
 
 def photographs() -> list[np.ndarray]:
@@ -81,7 +81,7 @@ def compose(background: np.ndarray, item: np.ndarray, rng: np.random.Generator, 
   ih, iw = max(2, int(round(item.shape[0] * scale))), max(2, int(round(item.shape[1] * scale)))
   item = cv2.resize(item, (iw, ih), interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
   alpha = np.clip(item / 255.0 * 3.0, 0.0, 1.0)[:, :, None]
-  tint = rng.uniform(0.3, 1.0, size=3).astype(np.float32)
+  tint = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
   colour = (item[:, :, None] * tint)
   y, x = int(rng.integers(0, height - ih + 1)), int(rng.integers(0, width - iw + 1))
   region = canvas[y:y + ih, x:x + iw]

@@ -74,12 +74,9 @@ def class_box(outputs: jax.Array, labels: jax.Array, head: str) -> jax.Array:
   return jnp.take_along_axis(b, labels[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-def euclidean_loss(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
-  """The paper's Euclidean loss (Caffe's EuclideanLoss: half the squared distance), averaged over the valid
-  examples (crops that kept a box)."""
-  per_example = 0.5 * jnp.sum(jnp.square(pred - target), axis=-1)
-  w = valid.astype(jnp.float32)
-  return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+def euclidean_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """The paper's Euclidean loss per example (Caffe's EuclideanLoss: half the squared distance)."""
+  return 0.5 * jnp.sum(jnp.square(pred - target), axis=-1)
 
 
 def box_iou(pred: jax.Array, target: jax.Array) -> jax.Array:
