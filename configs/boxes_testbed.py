@@ -11,9 +11,8 @@ narrow VGG-A with batch norm (vgg11_bn) that classifies and localises on a 2-cor
 The paper's setting scaled down: 64x64 crops of pictures rescaled to S = 96 (fixed), so a crop sees two thirds
 of the shorter side, as 224 of 256 sees most of an ImageNet picture but not all; the localisation nets start
 from the classifier (conv body, fc6, fc7) with lr 1e-3 as Appendix A. The argument is the head: classify
-(the classifier), pcr or scr. Batch norm because this narrow net trained from scratch without it stayed at
-chance level (loss 2.30) for the first 200 steps on this task (measured); the paper's nets had ImageNet and
-weeks.
+(the classifier), pcr or scr. Batch norm (torchvision's _bn variant) because the net trains from scratch, with
+no net A to start from.
 """
 
 from vggjax.configs import default

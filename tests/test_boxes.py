@@ -3,6 +3,7 @@ the data pipeline's exact crops."""
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -127,3 +128,53 @@ def test_box_folder_source_json_and_csv(tmp_path, real_photos):
   (tmp_path / 'missing.json').write_text(json.dumps({'train/a/0.jpg': [[1, 2, 3, 4]]}))
   with pytest.raises(ValueError, match='no box for train/b/1.jpg'):
     boxes_source.BoxFolderSource(tmp_path, 'train', 'missing.json')
+
+
+def test_tfds_source_with_boxes(tmp_path, real_photos):
+  """A real TFDS array_record dataset with VOC's layout (objects/bbox, a BBoxFeature: (ymin, xmin, ymax,
+  xmax) fractions), written by TFDS from real photos; boxes come back in pixels, and in the batches."""
+  import tensorflow_datasets as tfds
+  from PIL import Image
+
+  from vggjax.data import pipeline
+  jpegs, shapes = [], []
+  for k in range(6):
+    photo = real_photos[k % len(real_photos)][:90 + 10 * k, :120]
+    path = tmp_path / f'photo{k}.jpg'
+    Image.fromarray(np.ascontiguousarray(photo)).save(path, quality=90)
+    jpegs.append(path)
+    shapes.append(photo.shape[:2])
+
+  def frac_box(k):  # (ymin, xmin, ymax, xmax) fractions
+    return tfds.features.BBox(0.1, 0.2 + 0.05 * k, 0.6, 0.7)
+
+  class VggjaxTestBoxes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+          'label': tfds.features.ClassLabel(names=['a', 'b']),
+          'objects': tfds.features.Sequence({'bbox': tfds.features.BBoxFeature()})}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(range(4)), 'validation': self._generate_examples(range(4, 6))}
+
+    def _generate_examples(self, ks):
+      for k in ks:
+        yield k, {'image': str(jpegs[k]), 'label': k % 2, 'objects': {'bbox': [frac_box(k)]}}
+
+  data_dir = tmp_path / 'data'
+  VggjaxTestBoxes(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+  cfg = ml_collections.ConfigDict(dict(
+      source='tfds', name='vggjax_test_boxes', data_dir=str(data_dir), train_split='train',
+      eval_split='validation', image_size=32, scale_min=40, scale_max=40, eval_scale=40, flip=False,
+      bbox_key='objects/bbox', num_workers=0))
+  src = boxes_source.open_source(cfg, 'train')
+  for i in range(len(src)):
+    raw, label = src.record(i)
+    k = next(k for k in range(4) if jpegs[k].read_bytes() == raw)
+    h, w = shapes[k]
+    np.testing.assert_allclose(src.boxes(i), [[(0.2 + 0.05 * k) * w, 0.1 * h, 0.7 * w, 0.6 * h]], atol=1e-3)
+  batch = next(iter(pipeline.eval_iterator(cfg, global_batch_size=2)))
+  assert batch['box'].shape == (2, 4) and batch['box_valid'].all()
