@@ -89,8 +89,12 @@ class QuietLibraries:
 
 
 def quiet_libraries() -> None:
+  """Adds the filter to absl's handler and to the root logger's (a notebook's logging set-up)."""
+  import logging as std_logging
   from absl import logging
-  logging.get_absl_handler().addFilter(QuietLibraries())
+  for handler in [logging.get_absl_handler(), *std_logging.getLogger().handlers]:
+    if not any(isinstance(f, QuietLibraries) for f in handler.filters):
+      handler.addFilter(QuietLibraries())
 
 
 def set_cpu_devices(num_cpu_devices: int = 0) -> None:

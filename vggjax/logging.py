@@ -127,13 +127,25 @@ def _fmt_time(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
 
 
+def _notebook_kernel() -> bool:
+  """Running in a Jupyter or Colab kernel (where an output can be redrawn in place: IPython displays)."""
+  ipython = sys.modules.get('IPython')
+  shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, 'get_ipython') else None
+  return getattr(shell, 'kernel', None) is not None
+
+
 class ProgressBar:
-  """A one-line progress bar on stderr (redrawn in place on a terminal, a line per update otherwise)."""
+  """A one-line progress bar: redrawn in place on a terminal (stderr) and in a notebook (one display, updated
+  in place, so log lines printed meanwhile do not break it up), a line per update otherwise (log files)."""
 
   def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None, width: int = 24):
     self.total, self.start, self.enabled, self.width = total, start, enabled, width
     self.stream = stream or sys.stderr
     self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self._display = None
+    if enabled and stream is None and _notebook_kernel():
+      from IPython.display import Pretty, display
+      self._pretty, self._display = Pretty, display(Pretty(''), display_id=True)
     self.t0 = time.time()
 
   def update(self, step: int, **fields) -> None:
@@ -146,6 +158,9 @@ class ProgressBar:
     parts = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in fields.items()]
     line = (f'[{"#" * done}{"." * (self.width - done)}] {step}/{self.total} ' + ' | '.join(parts) +
             f' | ETA {_fmt_time(eta)}')
+    if self._display is not None:
+      self._display.update(self._pretty(line))
+      return
     if self.tty:
       self.stream.write('\r' + line[:200].ljust(120))
     else:
