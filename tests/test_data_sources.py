@@ -121,6 +121,16 @@ def test_folder_pipeline_skips_and_reports_corrupt_files(photo_folder):
   assert mask.sum() == 6 and len(mask) == 8  # 7 records, 1 corrupt, 1 padding slot
 
 
+def test_too_many_unreadable_files_in_a_row_stop_the_run_naming_the_first(photo_folder):
+  """README: corrupt files never stop a run, up to data.max_consecutive_bad in a row (01b and 01c are 2)."""
+  root, _ = photo_folder
+  it = pipeline.train_iterator(cfg(data_dir=str(root), max_consecutive_bad=2), global_batch_size=17, seed=0)
+  next(it)  # 2 in a row are skipped
+  it = pipeline.train_iterator(cfg(data_dir=str(root), max_consecutive_bad=1), global_batch_size=17, seed=0)
+  with pytest.raises(RuntimeError, match=r'2 consecutive unreadable records .* first: .*01b_garbage\.jpg'):
+    next(it)
+
+
 def test_missing_folder_and_split_fail_naming_what_was_looked_for(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nowhere')):
     pipeline.dataset_info(cfg(data_dir=str(tmp_path / 'nowhere')))
