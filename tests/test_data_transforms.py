@@ -39,6 +39,11 @@ def test_rescale_interpolation_keeps_the_picture(real_photos):
   assert np.abs(small - pil).mean() < 4  # both antialiased: close to Pillow's
   mild = transforms.rescale(photo, 300)  # shrink < 2x: bilinear
   assert np.abs(mild.astype(np.float64).mean((0, 1)) - photo.mean((0, 1))).max() < 2
+  # Pixel by pixel against Pillow's bilinear (a wrong axis, offset or interpolation moves edges by pixels).
+  pil = np.asarray(Image.fromarray(photo).resize(mild.shape[1::-1], Image.BILINEAR), np.float64)
+  assert np.abs(mild - pil).mean() < 4 and np.percentile(np.abs(mild - pil), 99) < 40
+  shifted = np.roll(pil, 1, axis=1)
+  assert np.abs(mild - shifted).mean() > 1.5 * np.abs(mild - pil).mean()  # the bound tells a 1-pixel shift
 
 
 def test_crops_and_flip():
@@ -99,6 +104,8 @@ def test_train_transform_on_jpeg_bytes_matches_decoded_geometry(real_photos):
     ref = transforms.train_transform(decoded, seed, image_size=size, scale_min=smin, scale_max=smax)
     np.testing.assert_array_equal(full, ref)
     assert a.shape == ref.shape
+    # DCT scaling happens exactly when S <= half the smaller side (427 / 2): another decode, other pixels.
+    assert np.array_equal(a, full) == (smin > 427 // 2), smin
     assert np.abs(a.astype(np.float64) - ref).mean() < 10  # DCT scaling: a different antialiasing filter
     corr = np.corrcoef(a.ravel(), ref.ravel())[0, 1]
     assert corr > 0.9
@@ -142,6 +149,20 @@ def test_example_rng_depends_on_seed_epoch_index():
 
 # ----------------------------------------------------------------------------------------------------------
 # The colour shift (vggjax.preprocessing, applied on the device) against its eigen-decomposition.
+
+
+def test_colour_shift_constants_are_the_published_imagenet_ones():
+  """AlexNet's ImageNet RGB eigen-decomposition as fb.resnet.torch publishes it (0-1 pixel scale; vggjax's
+  eigenvalues are on the 0-255 scale), typed in here rather than read from the module."""
+  published_eigval = np.array([0.2175, 0.0188, 0.0045]) * 255
+  published_eigvec = np.array([[-0.5675, 0.7192, 0.4009],
+                               [-0.5808, -0.0045, -0.8140],
+                               [-0.5836, -0.6948, 0.4203]])
+  np.testing.assert_allclose(preprocessing.IMAGENET_EIGVAL, published_eigval, rtol=2e-3)
+  np.testing.assert_array_equal(np.asarray(preprocessing.IMAGENET_EIGVEC), published_eigvec)
+  # Orthonormal to the 4 published digits (that the columns are the eigenvectors: the covariance test below).
+  v = np.asarray(preprocessing.IMAGENET_EIGVEC)
+  np.testing.assert_allclose(v.T @ v, np.eye(3), atol=2e-3)
 
 
 def test_pca_lighting_shift_covariance_matches_the_eigendecomposition():
