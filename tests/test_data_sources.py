@@ -218,6 +218,18 @@ def test_tfds_through_mock_data():
     assert b['label'].min() >= 0 and b['label'].max() < 10
     evals = list(pipeline.eval_iterator(c, global_batch_size=16))
     assert len(evals) == 3 and sum(int(e['mask'].sum()) for e in evals) == 40
+    # Each evaluation example is its TFDS record, rescaled to 28 and centre-cropped, with its label, in order.
+    src = pipeline.open_source(c, c.eval_split)
+    keep = [e['mask'].astype(bool) for e in evals]
+    images = np.concatenate([e['image'][k] for e, k in zip(evals, keep)])
+    labels = np.concatenate([e['label'][k] for e, k in zip(evals, keep)])
+    assert len(src) == len(images) == 40 and len(set(labels.tolist())) > 1
+    for i in range(40):
+      record = src[i]
+      want = transforms.eval_transform(transforms.decode(record['image']) if isinstance(record['image'], bytes)
+                                       else record['image'], image_size=24, scale=28)
+      np.testing.assert_array_equal(images[i], want)
+      assert labels[i] == record['label']
 
 
 @pytest.fixture(scope='module')
