@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
 
 
 # CI (.ci/run sets VGGJAX_CI=1) installs every independent reference the tests compare against: torch,
-# torchvision, safetensors, Keras, shellcheck. There a missing one fails the tests that need it; elsewhere they
-# are skipped. No test swaps in a weaker reference.
+# torchvision, safetensors, Keras, shellcheck. There a missing one fails the tests that need it; elsewhere
+# they are skipped. No test swaps in a weaker reference.
 IN_CI = os.environ.get('VGGJAX_CI', '') == '1'
 
 

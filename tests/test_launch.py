@@ -193,8 +193,8 @@ def test_tpu_commands_parse_with_the_real_gcloud(tmp_path):
   assert len(lines) == 5
   env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'), CLOUDSDK_CORE_DISABLE_PROMPTS='1')
   lines.append(lines[0] + ['--no-such-flag'])  # and gcloud does reject what it does not know
-  procs = [subprocess.Popen([REAL_GCLOUD, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env) for cmd in lines]
+  procs = [subprocess.Popen([REAL_GCLOUD, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env) for cmd in lines]
   results = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
   for cmd, (err, rc) in zip(lines[:-1], results[:-1]):
     assert rc != 2 and 'unrecognized arguments' not in err, (cmd, err)
