@@ -482,21 +482,21 @@ class TrainCheckpointer:
 
 
 class _StopRequest:
-  """A preemption notice (SIGTERM): the loop finishes the step (or drops the evaluation pass under way),
-  checkpoints and exits 0. Polled after every step and before every evaluation batch, on the host only.
+  """A preemption notice (SIGTERM): the loop finishes the step, checkpoints and exits 0. Polled on the host
+  only, after every step (`requested(step)`) and, on one process, before every evaluation batch (`in_eval`).
 
-  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption service (started by
-  jax.distributed.initialize) owns SIGTERM; its notifier tells the coordination service, which picks a
-  poll point no process has passed yet, and every process stops there
-  (multihost_utils.reached_preemption_sync_point). The poll counter advances identically everywhere (one per
-  step, one per evaluation batch), so a notice during an evaluation pass stops it too. No Python handler is
-  installed then: it would replace JAX's notifier."""
+  One process: a Python SIGTERM handler sets a flag; a notice during an evaluation pass drops the pass.
+  Several processes: JAX's preemption service (started by jax.distributed.initialize) owns SIGTERM; its
+  notifier tells the coordination service, which picks the step after the furthest any process has reported,
+  and every process stops there (multihost_utils.reached_preemption_sync_point(step)). The step ids are the
+  training steps, the ids Orbax's CheckpointManager reports to the same service when it saves. No Python
+  handler is installed then (it would replace JAX's notifier); a notice during an evaluation pass takes
+  effect at the first step after it."""
 
   def __init__(self):
     self.flag = threading.Event()
     self._previous = {}
     self._multi = jax.process_count() > 1
-    self._polls = 0
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
@@ -504,12 +504,14 @@ class _StopRequest:
     log.warning('received signal %d: finishing the step, then checkpointing and exiting', signum)
     self.flag.set()
 
-  def requested(self, *unused) -> bool:
+  def in_eval(self) -> bool:
+    return not self._multi and self.flag.is_set()
+
+  def requested(self, step: int) -> bool:
     if self.flag.is_set() or not self._multi:
       return self.flag.is_set()
-    self._polls += 1
     try:
-      reached = multihost_utils.reached_preemption_sync_point(self._polls)
+      reached = multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError as e:  # the preemption service is off (jax_enable_preemption_service=False)
       log.warning('preemption notices are not handled: %s', e)
       self._multi = False
@@ -605,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     batches = pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     log.info('step %d: evaluating on %s', step, config.data.eval_split)
-    result = evaluate(eval_step, variables, batches, mesh, stop=stop.requested)
+    result = evaluate(eval_step, variables, batches, mesh, stop=stop.in_eval)
     reduced = schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
     history.append(row)
@@ -667,7 +669,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       if step % t.log_every_steps == 0 or step == total_steps:
         pending, window = (window, step, lr), []
       evaluate_now = step % eval_every == 0 or step == total_steps
-      preempted = stop.requested()
+      preempted = stop.requested(step)
       epoch_end = t.checkpoint_every_epoch and step % steps_per_epoch == 0
       save_now = step % t.checkpoint_every_steps == 0 or epoch_end or step == total_steps or preempted
       if evaluate_now or save_now:  # both wait for the device anyway
