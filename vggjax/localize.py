@@ -188,6 +188,7 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
         f'whole_image_top{k}_error': boxes_lib.localization_error(guesses, whole_boxes, labels, gts, k=k),
         'whole_image_gt_class_error': boxes_lib.localization_error(
             np.array(labels)[:, None], whole_boxes[:, :1], labels, gts, k=1),
+        'whole_image_mean_iou': float(np.mean([np.max(boxes_lib.iou(whole_boxes[i, 0], gts[i])) for i in range(n)])),
         'classification_top1_error': float(np.mean(guesses[:, 0] != np.array(labels))),
         f'classification_top{k}_error': float(np.mean(~np.any(guesses == np.array(labels)[:, None], 1))),
     }
