@@ -11,8 +11,8 @@ layers (the paper's comparison: all layers win), add --config.train.trainable=fc
 
 Data: images with boxes: an image folder (ROOT/train/<class>/..., ROOT/val/<class>/...) with ROOT/boxes.json
 (data.boxes_file; see vggjax.data.boxes_source: ImageNet's CLS-LOC boxes go there per image), or a TFDS
-dataset with a BBoxFeature (--config.data.source=tfds --config.data.name=voc/2007 --config.data.bbox_key=
-objects/bbox).
+dataset with a class label and a BBoxFeature (--config.data.source=tfds --config.data.name=stanford_dogs
+--config.data.bbox_key=objects/bbox).
 """
 
 from vggjax.configs import common, default

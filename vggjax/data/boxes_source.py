@@ -12,9 +12,10 @@ conventions). Sources:
 
   or a CSV file (``.csv``) with the header ``path,x0,y0,x1,y1`` and one row per box. Every image needs at
   least one box (an error names the first that has none).
-* ``tfds``: any TFDS dataset whose boxes are a ``BBoxFeature`` (``data.bbox_key``, default
-  ``objects/bbox``, as in voc/2007, caltech_birds2011 has ``bbox``, stanford_dogs ``objects/bbox``), stored as
-  (ymin, xmin, ymax, xmax) fractions of the image; read without TensorFlow like ``sources.TfdsSource``.
+* ``tfds``: a TFDS dataset with one class label per image (``data.label_key``) whose boxes are a
+  ``BBoxFeature`` (``data.bbox_key``: ``objects/bbox`` in stanford_dogs, ``bbox`` in caltech_birds2011),
+  stored as (ymin, xmin, ymax, xmax) fractions of the image; read without TensorFlow like
+  ``sources.TfdsSource``. (voc/2007 labels objects, not images: it has no per-image class to regress for.)
 
 Batches. ``train_iterator`` and ``eval_iterator`` give exactly the batches of ``vggjax.data.pipeline`` (same
 records, crops, flips, order, resumable state) plus, per example, ``box``: float32 (4,), the regression
