@@ -2,14 +2,18 @@
 processes joined with jax.distributed, each against one uninterrupted run on 8 devices. The runs use the
 plateau schedule, reducing the learning rate at steps 16 and 24, so a resume that lost its state diverges."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 import cli_util
+from vggjax import models
 
 pytestmark = pytest.mark.slow
 RUN = [*cli_util.TINY, *cli_util.PLATEAU]
@@ -52,8 +56,12 @@ def test_sigterm_checkpoints_exits_0_and_resumes_identically_with_workers(tmp_pa
   assert proc.returncode == 0, out[-3000:]
   stopped = cli_util.final_params(tmp_path / 'run')[1]['step']
   assert 1 <= stopped < 24 and 'preempted at step' in out
-  out = cli_util.run(tmp_path / 'run', *RUN, workers, env=env)
+  # README: with JAX_COMPILATION_CACHE_DIR a restart skips compilation (the train step compiled by the
+  # reference run is read from the cache).
+  out = cli_util.run(tmp_path / 'run', *RUN, workers, env={**env, 'JAX_LOG_COMPILES': '1'})
   assert 'resumed from' in out and f'at step {stopped}' in out
+  assert "Persistent compilation cache hit for 'jit_step_fn'" in out, out[-3000:]
+  assert "PERSISTENT COMPILATION CACHE MISS for 'jit_step_fn'" not in out
   variables, meta = cli_util.final_params(tmp_path / 'run')
   assert meta['step'] == 24
   cli_util.assert_identical(variables, ref_vars)
@@ -144,3 +152,37 @@ def test_two_processes_equal_one_process(tmp_path, cache, reference):
   # Only process 0 logs metrics: each step once.
   steps = [r['step'] for r in cli_util.metrics(tmp_path) if 'loss' in r]
   assert steps == sorted(set(steps))
+
+
+def test_evaluate_a_run_without_its_config_equals_its_last_validation(cache, reference):
+  """`python -m vggjax.evaluate --workdir=RUN` with no --config (the run's config.json): single-crop top-1
+  error at the run's scale is 1 - the validation top-1 it logged at its last step, on the same 300 images."""
+  ref_dir, _ = reference
+  p = subprocess.run([sys.executable, '-m', 'vggjax.evaluate', f'--workdir={ref_dir}', '--protocols=single'],
+                     env=cli_util.cli_env(cache), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  result = json.loads((ref_dir / 'eval.json').read_text())
+  (scores,) = result['results'].values()
+  (single,) = scores['single'].values()
+  last = _evals(ref_dir, 'val_count')[-1]
+  assert last['step'] == 24 and single['num_images'] == last['val_count'] == 300
+  assert single['top1_err'] == pytest.approx(1 - last['val_top1'], abs=1e-6)
+  assert single['top5_err'] == pytest.approx(1 - last['val_top5'], abs=1e-6)
+
+
+def test_warm_start_through_init_from_copies_the_layers_and_warns_about_normalisation(tmp_path, cache,
+                                                                                         reference):
+  """--config.init_from=RUN: the paper's layers are the run's (one step at a negligible learning rate later),
+  the others fresh; a different input normalisation is warned about."""
+  ref_dir, ref_vars = reference
+  out = cli_util.run(tmp_path, *RUN, f'--config.init_from={ref_dir}', '--config.train.max_steps=1',
+                     '--config.optimizer.lr=1e-12', '--config.data.mean_rgb=(0.,0.,0.)',
+                     env=cli_util.cli_env(cache))
+  assert 'was trained on inputs normalised as' in out and 'copied 7 layers' in out, out[-3000:]
+  variables, meta = cli_util.final_params(tmp_path)
+  assert meta['step'] == 1
+  for layer in models.layer_names('vgg11'):
+    for k in ('kernel', 'bias'):
+      got, want = variables['params'][layer][k], ref_vars['params'][layer][k]
+      same = np.allclose(got, want, rtol=1e-6, atol=1e-9)
+      assert same == (layer in models.WARM_START_LAYERS), (layer, k)
