@@ -212,8 +212,8 @@ def write_published_h5(path, model):
 @pytest.fixture(scope='module')
 def keras_vgg16(tmp_path_factory):
   """keras.applications.VGG16 (random weights, logits out) as Keras 3 writes it and as published."""
-  keras = pytest.importorskip('keras')
-  pytest.importorskip('h5py')
+  keras = reference_module('keras')
+  reference_module('h5py')
   if keras.backend.backend() != 'jax':
     pytest.skip(f'Keras was imported with the {keras.backend.backend()} backend before this module')
   keras.utils.set_random_seed(0)
@@ -276,7 +276,7 @@ def test_keras_file_for_the_wrong_model_names_the_layers(keras_vgg16):
 
 @pytest.mark.slow
 def test_keras_vgg19_logits_equal_keras(crops, tmp_path):
-  keras = pytest.importorskip('keras')
+  keras = reference_module('keras')
   from keras.applications import vgg19
   if keras.backend.backend() != 'jax':
     pytest.skip('Keras runs another backend')
@@ -318,7 +318,7 @@ def narrow_keras_vgg11(keras, conv_format, flatten_format, seed=0):
 def test_keras_channels_first_models(flatten_format, filename, order, crops, tmp_path):
   """Narrow channels_first Keras models in a .keras archive and a legacy full-model .h5: the model config
   tells fc1's flatten order and the logits equal Keras'."""
-  keras = pytest.importorskip('keras')
+  keras = reference_module('keras')
   if keras.backend.backend() != 'jax':
     pytest.skip('Keras runs another backend')
   model = narrow_keras_vgg11(keras, 'channels_first', flatten_format)
