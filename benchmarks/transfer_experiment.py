@@ -84,36 +84,25 @@ def write_folders(root: pathlib.Path, data_dir: str, sizes: dict, seed: int = 0)
   return root / 'source', root / 'target'
 
 
-def data_config(root: pathlib.Path, mean: float):
-  """The demo's recipe (configs/demo.py) on an image folder of 28x28 grey images."""
-  sys.path.insert(0, str(REPO))
-  from configs import demo
-  config = demo.get_config()
-  config.data.source = 'folder'
-  config.data.data_dir = str(root)
-  config.data.mean_rgb = (mean, mean, mean)
-  config.data.flip = True  # clothes are mirror-symmetric enough
-  return config
-
-
 def folder_mean(root: pathlib.Path) -> float:
   from PIL import Image
   files = sorted((root / 'train').rglob('*.png'))[::10]
   return round(float(np.mean([np.asarray(Image.open(f)).mean() for f in files])), 1)
 
 
-def main_cli(workdir: pathlib.Path, config: str, overrides: list[str], env: dict | None = None) -> None:
+def main_cli(workdir: pathlib.Path, config: str, overrides: list[str], env: dict | None = None, log=print
+             ) -> None:
   """`python -m vggjax.main` as a user runs it (resumes if the run exists)."""
   cmd = [sys.executable, '-m', 'vggjax.main', f'--config={config}', f'--workdir={workdir}', *overrides]
   t0 = time.time()
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
   if p.returncode:
     raise RuntimeError(f'{" ".join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}')
-  print(f'  {p.stdout.strip().splitlines()[-1]} ({time.time() - t0:.0f} s)', flush=True)
+  log(f'  {p.stdout.strip().splitlines()[-1]} ({time.time() - t0:.0f} s)')
 
 
 def recipe_overrides(root: pathlib.Path, mean: float, steps: int, batch: int) -> list[str]:
-  return [f'--config.data.source=folder', f'--config.data.data_dir={root}',
+  return ['--config.data.source=folder', f'--config.data.data_dir={root}',
           f'--config.data.mean_rgb=({mean}, {mean}, {mean})', '--config.data.flip=True',
           f'--config.train.max_steps={steps}', f'--config.train.global_batch_size={batch}',
           f'--config.train.eval_every_steps={max(steps // 4, 1)}', '--config.train.log_every_steps=20',
@@ -169,7 +158,7 @@ def run(out: pathlib.Path, sizes: dict, data_dir: str = '', env: dict | None = N
   log(f'2. source net on classes {SOURCE_CLASSES} ({sizes["source_steps"]} steps)')
   src_run = out / 'source_run'
   t0 = time.time()
-  main_cli(src_run, demo, recipe_overrides(source, mean, sizes['source_steps'], 64), env)
+  main_cli(src_run, demo, recipe_overrides(source, mean, sizes['source_steps'], 64), env, log)
   source_seconds = time.time() - t0
   src_val = [json.loads(l) for l in (src_run / 'metrics.jsonl').read_text().splitlines() if 'val_top1' in l]
   log('3. untrained net')
@@ -179,7 +168,7 @@ def run(out: pathlib.Path, sizes: dict, data_dir: str = '', env: dict | None = N
   t0 = time.time()
   main_cli(ft_run, f"{REPO / 'configs' / 'finetune.py'}:demo",
            recipe_overrides(target, mean, sizes['finetune_steps'], 50) +
-           [f'--config.init_from={src_run}'], env)
+           [f'--config.init_from={src_run}'], env, log)
   finetune_seconds = time.time() - t0
   cfg = ml_collections.ConfigDict({'source': 'folder', 'data_dir': str(target), 'train_split': 'train',
                                    'eval_split': 'val', 'name': 'Fashion-MNIST 5-9'})
@@ -250,7 +239,8 @@ def main() -> None:
   parser.add_argument('--quick', action='store_true', help='The CI-sized run (smaller samples, fewer steps).')
   parser.add_argument('--data_dir', default='', help='Fashion-MNIST IDX directory (default: Debian\'s).')
   args = parser.parse_args()
-  result = run(pathlib.Path(args.out), QUICK if args.quick else FULL, args.data_dir)
+  result = run(pathlib.Path(args.out), QUICK if args.quick else FULL, args.data_dir,
+               log=lambda *a: print(*a, flush=True))
   print(markdown(result))
   print(f'source net val top-1 {result["source_val_top1"]:.4f}; source training '
         f'{result["source_train_s"]} s, fine-tuning {result["finetune_s"]} s, total {result["wall_s"]} s; '

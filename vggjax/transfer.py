@@ -19,8 +19,9 @@ L2-normalised. One-vs-rest linear SVMs are trained on them, with no fine-tuning,
     python -m vggjax.transfer --weights=runs/finetuned --config=my_data.py --workdir=runs/ft --classifier=net
 
 The data is the config's ``data`` block, any labelled source (folder, tfds, mnist/fashion_mnist, digits).
-With ``--train_per_class=N`` the train and eval splits are pooled and split at random per class (Caltech);
-with 0 (the default) the SVMs train on data.train_split and are tested on data.eval_split once (VOC).
+With ``--train_per_class=N`` the train and eval splits are pooled (the train split alone when data.eval_split
+is empty: Caltech's single folder of classes) and split at random per class; with 0 (the default) the SVMs
+train on data.train_split and are tested on data.eval_split once (VOC).
 
 Descriptors are cached: per net, scale, flip setting and split, in chunks written as they are computed, so
 an interrupted run resumes where it stopped, and a second run with other SVM or combination options
