@@ -62,14 +62,16 @@ def main(argv=None) -> None:
   cls = root / 'classify'
   if not _trained(cls, args.cls_steps):
     _run([py, '-m', 'vggjax.main', f'--config={config}:classify', f'--workdir={cls}',
-          f'--config.train.max_steps={args.cls_steps}', f'--config.train.eval_every_steps={args.cls_steps // 4}',
+          f'--config.train.max_steps={args.cls_steps}',
+          f'--config.train.eval_every_steps={args.cls_steps // 4}',
           *common], root / 'classify.log')
   rows = []
   for head, layers, trainable in SETTINGS:
     name = f'{head}_{layers}'
     run = root / name
     if not _trained(run, args.steps):
-      _run([py, '-m', 'vggjax.main', f'--config={config}:{head}', f'--workdir={run}', f'--config.init_from={cls}',
+      _run([py, '-m', 'vggjax.main', f'--config={config}:{head}', f'--workdir={run}',
+            f'--config.init_from={cls}',
             f'--config.train.max_steps={args.steps}', f'--config.train.eval_every_steps={args.steps // 3}',
             f'--config.train.trainable={trainable}', *common], root / f'{name}.log')
     _run([py, '-m', 'vggjax.localize', f'--workdir={run / "localize"}', f'--classifier={cls}',
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
   r = rows[0]
   print(f'\nwhole-image box: top-5 error {100 * r["whole_image_top5_error"]:.1f}, true class '
         f'{100 * r["whole_image_gt_class_error"]:.1f}; classifier top-1/top-5 error (central crop) '
-        f'{100 * rows[0]["classification_top1_error"]:.1f} / {100 * rows[0]["classification_top5_error"]:.1f}')
+        f'{100 * r["classification_top1_error"]:.1f} / {100 * r["classification_top5_error"]:.1f}')
 
 
 if __name__ == '__main__':

@@ -3,8 +3,8 @@
 No dataset with bounding boxes ships offline, so this one is made from real pictures that do:
 
 * objects: Fashion-MNIST items (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``; 28x28 greyscale
-  photographs of clothes on black), each cut out by its own intensity (a soft alpha mask), tinted with a random
-  colour, resized to 35-70% of the picture's shorter side and pasted at a uniformly random position;
+  photographs of clothes on black), each cut out by its own intensity (a soft alpha mask), tinted with a
+  random colour, resized to 35-70% of the picture's shorter side and pasted at a uniformly random position;
 * backgrounds: the real photographs that ship with scikit-learn (china, flower) and scikit-image
   (astronaut, chelsea, coffee, rocket, the Hubble deep field, immunohistochemistry, grass, gravel, brick,
   camera), a random window of 40-100% of the photograph's shorter side each time, resized to the picture.
@@ -13,7 +13,8 @@ Each picture is 96 pixels on its shorter side and 96-144 on its longer (landscap
 object, and is labelled with the object's class (the 10 Fashion-MNIST classes). The box is the tight box of
 the object's mask (alpha > 0.1). The folder is what ``data.source=folder`` with ``data.boxes_file`` reads::
 
-    ROOT/train/<class>/<n>.jpg, ROOT/val/<class>/<n>.jpg, ROOT/boxes.json {"train/<class>/<n>.jpg": [[x0, y0, x1, y1]]}
+    ROOT/train/<class>/<n>.jpg, ROOT/val/<class>/<n>.jpg,
+    ROOT/boxes.json {"train/<class>/<n>.jpg": [[x0, y0, x1, y1]], ...}
 
     python benchmarks/make_box_testbed.py --out=data/boxes_testbed [--train=2000 --val=300 --seed=0]
 
@@ -44,8 +45,8 @@ def photographs() -> list[np.ndarray]:
   from sklearn.datasets import load_sample_images
   photos = [np.asarray(p) for p in load_sample_images().images]
   import skimage.data
-  for name in ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'grass',
-               'gravel', 'brick', 'camera'):
+  for name in ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry',
+               'grass', 'gravel', 'brick', 'camera'):
     p = np.asarray(getattr(skimage.data, name)())
     photos.append(np.repeat(p[:, :, None], 3, axis=2) if p.ndim == 2 else p[:, :, :3])
   return photos
@@ -55,7 +56,8 @@ def fashion_items(data_dir: str = FASHION_DIR) -> tuple[np.ndarray, np.ndarray]:
   """Fashion-MNIST's training images and labels (the IDX files of Debian's dataset-fashion-mnist)."""
   from vggjax.data import sources
   if not pathlib.Path(data_dir).is_dir():
-    raise FileNotFoundError(f'Fashion-MNIST not found in {data_dir!r}: install Debian\'s dataset-fashion-mnist '
+    raise FileNotFoundError(f'Fashion-MNIST not found in {data_dir!r}: install Debian\'s '
+                            f'dataset-fashion-mnist '
                             f'(apt-get install dataset-fashion-mnist) or pass --fashion_dir')
   src = sources.idx_source('fashion_mnist', data_dir, 'train')
   return src.images, src.labels
@@ -67,8 +69,10 @@ def compose(background: np.ndarray, item: np.ndarray, rng: np.random.Generator, 
   (uint8 (height, width, 3), box [x0, y0, x1, y1])."""
   ph, pw = background.shape[:2]
   side = int(rng.uniform(0.4, 1.0) * min(ph, pw))
-  wh = (side, int(min(pw, side * width / height))) if height <= width else (int(min(ph, side * height / width)),
-                                                                           side)
+  if height <= width:
+    wh = (side, int(min(pw, side * width / height)))
+  else:
+    wh = (int(min(ph, side * height / width)), side)
   top = int(rng.integers(0, ph - wh[0] + 1))
   left = int(rng.integers(0, pw - wh[1] + 1))
   canvas = cv2.resize(background[top:top + wh[0], left:left + wh[1]], (width, height),
@@ -124,7 +128,8 @@ def build(out: str | pathlib.Path, num_train: int = 2000, num_val: int = 300, se
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', required=True, help='the folder to write (ROOT/train, ROOT/val, ROOT/boxes.json)')
+  parser.add_argument('--out', required=True,
+                      help='the folder to write (ROOT/train, ROOT/val, ROOT/boxes.json)')
   parser.add_argument('--train', type=int, default=2000, help='training pictures')
   parser.add_argument('--val', type=int, default=300, help='validation pictures')
   parser.add_argument('--seed', type=int, default=0)

@@ -21,7 +21,8 @@ def test_iou_hand_computed():
 
 def test_rescale_crop_flip_hand_computed():
   # A 100x200 (H x W) image rescaled to 50x100: every coordinate halves.
-  np.testing.assert_allclose(boxes.rescale_boxes([[20, 10, 60, 50]], (100, 200), (50, 100)), [[10, 5, 30, 25]])
+  np.testing.assert_allclose(boxes.rescale_boxes([[20, 10, 60, 50]], (100, 200), (50, 100)),
+                             [[10, 5, 30, 25]])
   # Anisotropic rounding: 101x203 -> 50x100 scales x by 100/203 and y by 50/101.
   np.testing.assert_allclose(boxes.rescale_boxes([[203, 101, 203, 101]], (101, 203), (50, 100)),
                              [[100, 50, 100, 50]])

@@ -37,7 +37,8 @@ def test_class_box_picks_the_label_box():
   out = jnp.arange(2 * 12, dtype=jnp.float32).reshape(2, 12)  # pcr, 3 classes
   got = localization_model.class_box(out, jnp.array([2, 0]), 'pcr')
   np.testing.assert_array_equal(got, [[8, 9, 10, 11], [12, 13, 14, 15]])
-  np.testing.assert_array_equal(localization_model.class_box(out[:, :4], jnp.array([2, 0]), 'scr'), out[:, :4])
+  scr = localization_model.class_box(out[:, :4], jnp.array([2, 0]), 'scr')
+  np.testing.assert_array_equal(scr, out[:, :4])
 
 
 def test_dense_box_map_at_training_size_is_the_crop_prediction():

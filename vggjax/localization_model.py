@@ -36,8 +36,8 @@ STRIDE = 32  # pool5's stride in input pixels: the step between the windows of n
 
 def check_head(head: str) -> str:
   if head not in HEADS:
-    raise ValueError(f'unknown head {head!r}; valid: {", ".join(HEADS)} (classify: class scores; scr: one box '
-                     f'for all classes; pcr: one box per class)')
+    raise ValueError(f'unknown head {head!r}; valid: {", ".join(HEADS)} (classify: class scores; scr: one '
+                     f'box for all classes; pcr: one box per class)')
   return head
 
 

@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -67,6 +66,11 @@ class _Net:
 def _softmax(x: np.ndarray) -> np.ndarray:
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
+
+
+def _mean_best_iou(pred: np.ndarray, gts) -> float:
+  """The mean over images of the IoU of each image's box with its best-matching true box."""
+  return float(np.mean([np.max(boxes_lib.iou(pred[i], gts[i])) for i in range(len(gts))]))
 
 
 def _crops_in_batches(net: _Net, crops: list[np.ndarray], batch: int) -> np.ndarray:
@@ -179,16 +183,17 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
 
         pred[i] = [merged(int(c)) for c in guesses[i]]
         true_class[i, 0] = merged(labels[i])
+    truth = np.array(labels)[:, None]
     row = {
         'top1_error': boxes_lib.localization_error(guesses, pred, labels, gts, k=1),
         f'top{k}_error': boxes_lib.localization_error(guesses, pred, labels, gts, k=k),
-        'gt_class_error': boxes_lib.localization_error(np.array(labels)[:, None], true_class, labels, gts, k=1),
-        'mean_iou_gt_class': float(np.mean([np.max(boxes_lib.iou(true_class[i, 0], gts[i])) for i in range(n)])),
+        'gt_class_error': boxes_lib.localization_error(truth, true_class, labels, gts, k=1),
+        'mean_iou_gt_class': _mean_best_iou(true_class[:, 0], gts),
         'whole_image_top1_error': boxes_lib.localization_error(guesses, whole_boxes, labels, gts, k=1),
         f'whole_image_top{k}_error': boxes_lib.localization_error(guesses, whole_boxes, labels, gts, k=k),
         'whole_image_gt_class_error': boxes_lib.localization_error(
             np.array(labels)[:, None], whole_boxes[:, :1], labels, gts, k=1),
-        'whole_image_mean_iou': float(np.mean([np.max(boxes_lib.iou(whole_boxes[i, 0], gts[i])) for i in range(n)])),
+        'whole_image_mean_iou': _mean_best_iou(whole_boxes[:, 0], gts),
         'classification_top1_error': float(np.mean(guesses[:, 0] != np.array(labels))),
         f'classification_top{k}_error': float(np.mean(~np.any(guesses == np.array(labels)[:, None], 1))),
     }
@@ -251,7 +256,8 @@ def format_table(result: dict) -> str:
            f'{"protocol":<10} {"top-1":>7} {"top-5":>7} {"true class":>11} {"whole image top-5":>18}']
   for protocol, r in result['protocols'].items():
     top5 = next(v for key, v in r.items() if key.startswith('top') and key != 'top1_error')
-    w5 = next(v for key, v in r.items() if key.startswith('whole_image_top') and key != 'whole_image_top1_error')
+    w5 = next(v for key, v in r.items()
+              if key.startswith('whole_image_top') and key != 'whole_image_top1_error')
     lines.append(f'{protocol:<10} {100 * r["top1_error"]:7.1f} {100 * top5:7.1f} '
                  f'{100 * r["gt_class_error"]:11.1f} {100 * w5:18.1f}')
   return '\n'.join(lines)
@@ -261,13 +267,14 @@ def _define_flags():
   from absl import flags
   f = {}
   f['workdir'] = flags.DEFINE_string('workdir', None, 'Where eval.json and localization.png go.')
-  f['classifier'] = flags.DEFINE_string('classifier', None, 'The classification run (workdir, checkpoint step '
-                                        'directory or weights directory) that guesses the classes.')
+  f['classifier'] = flags.DEFINE_string('classifier', None, 'The classification run (workdir, checkpoint '
+                                        'step directory or weights directory) that guesses the classes.')
   f['localizer'] = flags.DEFINE_string('localizer', None, 'The localisation run (model.head scr or pcr).')
   f['protocols'] = flags.DEFINE_list('protocols', list(PROTOCOLS), f'Any of {", ".join(PROTOCOLS)}.')
   f['scale'] = flags.DEFINE_integer('scale', 0, 'The test scale Q (0: the localisation run\'s).')
   f['split'] = flags.DEFINE_string('split', '', 'The split (default: the localisation run\'s eval split).')
-  f['data_dir'] = flags.DEFINE_string('data_dir', '', 'The data directory (default: the localisation run\'s).')
+  f['data_dir'] = flags.DEFINE_string('data_dir', '', 'The data directory (default: the localisation '
+                                      'run\'s).')
   f['max_images'] = flags.DEFINE_integer('max_images', 0, 'Evaluate the first N images only (0: all).')
   f['merge_threshold'] = flags.DEFINE_float('merge_threshold', 0.5, 'IoU at which greedy merging joins two '
                                             'boxes (dense).')

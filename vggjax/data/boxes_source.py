@@ -72,7 +72,8 @@ def read_boxes_file(path) -> dict[str, list]:
       reader = csv.DictReader(f)
       need = ['path', 'x0', 'y0', 'x1', 'y1']
       if reader.fieldnames is None or any(c not in reader.fieldnames for c in need):
-        raise ValueError(f'{path}: a CSV boxes file needs the header {",".join(need)}, got {reader.fieldnames}')
+        raise ValueError(f'{path}: a CSV boxes file needs the header {",".join(need)}, got '
+                         f'{reader.fieldnames}')
       for row in reader:
         table.setdefault(row['path'], []).append([float(row[c]) for c in need[1:]])
     return table
@@ -133,8 +134,8 @@ def open_source(data_cfg, split: str) -> sources.Source:
     return TfdsBoxSource(data_cfg.name, split, data_cfg.get('data_dir', '') or '',
                          data_cfg.get('image_key', 'image'), data_cfg.get('label_key', 'label'),
                          data_cfg.bbox_key)
-  raise ValueError(f'data.source={data_cfg.source!r} has no boxes: use source=folder with data.boxes_file, or '
-                   f'source=tfds with data.bbox_key (a BBoxFeature such as objects/bbox)')
+  raise ValueError(f'data.source={data_cfg.source!r} has no boxes: use source=folder with data.boxes_file, '
+                   f'or source=tfds with data.bbox_key (a BBoxFeature such as objects/bbox)')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class _BoxTrainBatchFn(pipeline._TrainBatchFn):
     bad = []
 
     def transform(image, i):
-      return train_example(image, self.source.boxes(i), transforms.example_rng(self.seed, epoch, i), **self.kw)
+      rng = transforms.example_rng(self.seed, epoch, i)
+      return train_example(image, self.source.boxes(i), rng, **self.kw)
 
     for j, index in enumerate(indices):
       (images[j], targets[j], valid[j]), labels[j], b = self._read(int(index), transform)
