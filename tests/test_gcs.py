@@ -34,7 +34,8 @@ def gcs(tmp_path_factory):
   log = open(root / 'server.log', 'wb')
   server = subprocess.Popen([str(fake_gcs._get_binary_path()), '-scheme', 'http', '-backend', 'filesystem',
                              '-filesystem-root', str(root / 'data'), '-host', '127.0.0.1', '-port', str(port),
-                             '-external-url', url, '-log-level', 'warn'], stdout=log, stderr=subprocess.STDOUT)
+                             '-external-url', url, '-log-level', 'warn'],
+                            stdout=log, stderr=subprocess.STDOUT)
   try:
     t0 = time.time()
     while True:

@@ -51,8 +51,10 @@ def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   # there, the checkpointing library's per-file lines are not.
   bars = [o for o in train_cell.outputs if o.output_type == 'display_data']
   assert len(bars) == 1, train_cell.outputs
-  assert bars[0].data['text/plain'].startswith('[########################]') and 'ETA' in bars[0].data['text/plain']
-  assert 'val top-1' in train_out and 'steps/epoch' in train_out and 'orbax' not in train_out.lower(), train_out
+  bar = bars[0].data['text/plain']
+  assert bar.startswith('[########################]') and 'ETA' in bar, bar
+  assert 'val top-1' in train_out and 'steps/epoch' in train_out, train_out
+  assert 'orbax' not in train_out.lower(), train_out
   assert (tmp_path / 'runs' / 'demo' / 'eval.json').exists()
   evaluation = json.loads((tmp_path / 'runs' / 'demo' / 'eval.json').read_text())
   assert evaluation['num_images'] == 300

@@ -117,15 +117,17 @@ def test_wheel_in_a_fresh_venv_outside_the_checkout(tmp_path):
 
   where = run('python', '-c', 'import vggjax, vggjax.configs.demo as d; print(vggjax.__file__, d.__file__)')
   assert str(REPO) not in where and str(tmp_path / 'venv') in where, where
-  assert run('python', '-c', 'import importlib.util; print(importlib.util.find_spec("configs"))').strip() == 'None'
+  no_configs = 'import importlib.util; print(importlib.util.find_spec("configs"))'
+  assert run('python', '-c', no_configs).strip() == 'None'  # nothing installed as a top-level `configs`
   # The README quickstart: the demo (here a few steps of it), with the console command.
   out = run('vggjax', 'train', '--workdir=runs/demo', *TINY)
   assert 'done at step 4' in out, out
   for name in ('config.json', 'metrics.jsonl', 'checkpoints', 'curves.png'):
     assert (work / 'runs' / 'demo' / name).exists(), name
   # The paper's configs by path (not in this directory: the installed one) and by name.
-  load = ('import sys; from absl import flags; from ml_collections import config_flags; from vggjax import cli; '
-          'c = config_flags.DEFINE_config_file("config"); cli.resolve_config_args(sys.argv); flags.FLAGS(sys.argv); '
+  load = ('import sys; from absl import flags; from ml_collections import config_flags; '
+          'from vggjax import cli; c = config_flags.DEFINE_config_file("config"); '
+          'cli.resolve_config_args(sys.argv); flags.FLAGS(sys.argv); '
           'print(c.value.model.name, c.value.data.scale_min, c.value.data.scale_max)')
   assert run('python', '-c', load, '--config=configs/vgg16.py:jitter').split() == ['vgg16', '256', '512']
   assert run('python', '-c', load, '--config=vgg19:384').split() == ['vgg19', '384', '384']

@@ -29,13 +29,17 @@ def _evals(workdir) -> list[dict]:
 
 def _wait_for_line(log, text: str, proc, timeout: float = 600) -> None:
   """Until the process's log shows `text` (the trainer says what it is doing; no sleeps)."""
-  assert cli_util.wait_for(lambda: log.exists() and text in log.read_text(), proc, timeout=timeout, poll=0.05), \
+  def shown():
+    return log.exists() and text in log.read_text()
+
+  assert cli_util.wait_for(shown, proc, timeout=timeout, poll=0.05), \
       f'exited before {text!r}:\n{log.read_text()[-3000:]}'
 
 
 # Two steps, then a long evaluation pass (every training image at 128x128, 8 a batch: ~190 batches).
 LONG_EVAL = ['--config.model.width=0.125', '--config.model.fc_features=32', '--config.train.max_steps=2',
-             '--config.train.global_batch_size=8', '--config.train.plot=False', '--config.data.eval_split=train',
+             '--config.train.global_batch_size=8', '--config.train.plot=False',
+             '--config.data.eval_split=train',
              '--config.data.image_size=128', '--config.data.scale_min=128', '--config.data.scale_max=128',
              '--config.data.eval_scale=128', '--config.optimizer.schedule=plateau']
 

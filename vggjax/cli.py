@@ -40,8 +40,8 @@ def resolve_config(spec: str) -> str:
   name = name[:-3] if name.endswith('.py') else name
   if name and '/' not in name and os.sep not in name and config_file(name).is_file():
     return f'{config_file(name)}{sep}{arg}'
-  raise ConfigNotFound(f'--config={spec}: {path} is neither a file (relative to {os.getcwd()}) nor an installed '
-                       f'config ({", ".join(installed_configs())}; e.g. --config=vgg16:jitter)')
+  raise ConfigNotFound(f'--config={spec}: {path} is neither a file (relative to {os.getcwd()}) nor an '
+                       f'installed config ({", ".join(installed_configs())}; e.g. --config=vgg16:jitter)')
 
 
 def resolve_config_args(argv: list[str]) -> None:
@@ -122,7 +122,8 @@ def usage() -> str:
   width = max(map(len, COMMANDS))
   lines = [f'  {name.ljust(width)}  {text}' for name, (_, text) in COMMANDS.items()]
   return ('usage: vggjax COMMAND [flags]   (vggjax COMMAND --help for its flags)\n\ncommands:\n' +
-          '\n'.join(lines) + f'\n\ninstalled configs (--config=NAME[:ARG]): {", ".join(installed_configs())}\n')
+          '\n'.join(lines) +
+          f'\n\ninstalled configs (--config=NAME[:ARG]): {", ".join(installed_configs())}\n')
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,7 +183,8 @@ def plot_curves(workdir, rows: Iterable[dict] | None = None) -> epath.Path | Non
   try:
     import matplotlib
   except ImportError:  # optional: a run never fails at its end for a plot
-    log.warning('matplotlib is not installed: no %s (pip install matplotlib)', run_path(workdir, 'curves.png'))
+    log.warning('matplotlib is not installed: no %s (pip install matplotlib)',
+                run_path(workdir, 'curves.png'))
     return None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

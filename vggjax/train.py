@@ -289,7 +289,8 @@ class EvalInterrupted(Exception):
   """A preemption notice arrived during an evaluation pass (evaluate's `stop`)."""
 
 
-def evaluate(eval_step: Callable, variables: dict, batches, mesh, stop: Callable[[], bool] | None = None) -> dict:
+def evaluate(eval_step: Callable, variables: dict, batches, mesh,
+             stop: Callable[[], bool] | None = None) -> dict:
   """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped).
   `stop` is polled before each batch (host-only, no device wait): True raises EvalInterrupted."""
   total = None
