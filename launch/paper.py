@@ -32,7 +32,7 @@ with launch/tpu_vm.sh train, one after another, and the evaluations where this s
 reachable from both: gs://...).
 
 `--tiny`: configs/tiny.py, the same chain with narrow nets on scikit-learn's digits at 32x32, a few steps
-per run (tests/test_paper_chain.py runs it end to end).
+per run, with a compilation cache shared by the steps (tests/test_paper_chain.py runs it end to end).
 """
 
 from __future__ import annotations
@@ -141,6 +141,17 @@ def launch_argv(step: Step, launcher: str, extra: list[str], deps: list[str], ev
           f'--chdir={REPO}', f'--wrap={shlex.join(step.argv)}']
 
 
+def _env(root: str, tiny: bool) -> dict:
+  """The steps' environment. --tiny: a compilation cache shared by the steps (JAX_COMPILATION_CACHE_DIR,
+  default ROOT/jax_cache), so the 384 and jitter runs of a net reuse its 256 run's compiled steps (the
+  same shapes: the crop and the batch do not change along the chain)."""
+  env = dict(os.environ)
+  if tiny and not sweep._is_remote(root):
+    env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(root, 'jax_cache'))
+    env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  return env
+
+
 def _join_keeping_jobs(cmd: list[str]) -> str:
   """shlex.join, leaving the dry run's ${JOB_NAME} dependencies unquoted so that a shell expands them."""
   return ' '.join(a if '${JOB_' in a and "'" not in a and ' ' not in a else shlex.quote(a) for a in cmd)
@@ -190,7 +201,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         jobs[step.name] = job
         rec.update(job=job)
     else:
-      proc = subprocess.run(cmd, cwd=REPO)
+      proc = subprocess.run(cmd, cwd=REPO, env=_env(root, args.tiny))
     rec.update(command=shlex.join(cmd), returncode=proc.returncode, seconds=round(time.time() - t0, 1),
                finished=time.strftime('%Y-%m-%dT%H:%M:%S'))
     sweep._safe(sweep.write_json, manifest_path, {'root': root, 'tiny': args.tiny, 'launcher': args.launcher,
