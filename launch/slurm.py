@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--processes-per-node', type=int, default=0,
                  help='CPU nodes (--gpus-per-node=0) only: processes per node (default 1)')
   p.add_argument('--cpu-devices-per-node', type=int, default=0,
-                 help='CPU nodes only: virtual CPU devices per node, an equal share for each of its processes '
+                 help='CPU nodes only: virtual CPU devices per node, an equal share for each process '
                       '(VGGJAX_NUM_CPU_DEVICES; default: the environment\'s, else one per process)')
   p.add_argument('--job-name', default='', help='default: vggjax-BASENAME(WORKDIR)')
   p.add_argument('--partition', default='')
@@ -170,7 +170,7 @@ def render(args: argparse.Namespace, invocation: str) -> str:
     lines += ['# One process drives all GPUs of its node (JAX would give each SLURM task one GPU).',
               f'export JAX_LOCAL_DEVICE_IDS={",".join(str(i) for i in range(g))}']
   if args.cpu_devices_per_node:
-    lines += [f'# Each process runs on its share of the node\'s {args.cpu_devices_per_node} virtual CPU devices.',
+    lines += [f'# Each process runs on its share of the node\'s {args.cpu_devices_per_node} CPU devices.',
               f'export VGGJAX_NUM_CPU_DEVICES={args.cpu_devices_per_node // tasks_per_node}']
   lines += ['echo "job ${SLURM_JOB_ID:-}${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: '
             '${SLURM_NNODES:-} node(s) (${SLURM_JOB_NODELIST:-}), $(date)"',

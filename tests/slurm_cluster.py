@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,10 +42,28 @@ def missing() -> list[str]:
   return [n for n in DAEMONS + CLIENTS if not _which(n)]
 
 
+def unavailable() -> str:
+  """Why no cluster can start here ('' if one can)."""
+  absent = missing()
+  if absent:
+    return f'SLURM is not installed (no {", ".join(absent)}): apt-get install {PACKAGES}'
+  if os.geteuid() != 0:
+    return 'slurmd runs job steps as their user and must be root: run the SLURM tests as root (CI does)'
+  return ''
+
+
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+  """A free port below Linux's ephemeral range (32768-60999), so that no outgoing connection takes it before
+  the daemon binds it. (jax.distributed's port under SLURM, 61440 + job id % 4096, lies above it.)"""
+  for _ in range(200):
+    port = random.randint(20000, 32000)
+    with socket.socket() as s:
+      try:
+        s.bind(('0.0.0.0', port))
+      except OSError:
+        continue
+      return port
+  raise ClusterError('no free port in 20000-32000')
 
 
 class ClusterError(RuntimeError):
@@ -92,8 +111,10 @@ class Cluster:
         # cred_expire also delays a requeued job's restart (120 s by default).
         f'AuthInfo=socket={self.path("run", "munge.sock")},cred_expire=10',
         f'StateSaveLocation={self.path("state")}', f'SlurmdSpoolDir={self.path("spool")}',
-        f'SlurmctldPidFile={self.path("run", "slurmctld.pid")}', f'SlurmdPidFile={self.path("run", "slurmd.pid")}',
-        f'SlurmctldLogFile={self.path("log", "slurmctld.log")}', f'SlurmdLogFile={self.path("log", "slurmd.log")}',
+        f'SlurmctldPidFile={self.path("run", "slurmctld.pid")}',
+        f'SlurmdPidFile={self.path("run", "slurmd.pid")}',
+        f'SlurmctldLogFile={self.path("log", "slurmctld.log")}',
+        f'SlurmdLogFile={self.path("log", "slurmd.log")}',
         f'PlugStackConfig={self.path("plugstack.conf")}',
         'ProctrackType=proctrack/linuxproc', 'TaskPlugin=task/none', 'MpiDefault=none',
         'SchedulerType=sched/backfill', 'SelectType=select/cons_tres', 'SelectTypeParameters=CR_Core',
@@ -132,11 +153,9 @@ class Cluster:
       time.sleep(0.2)
 
   def start(self, timeout: float = 60) -> Cluster:
-    if os.geteuid() != 0:
-      raise ClusterError('slurmd must run as root to start job steps (run the SLURM tests as root, as CI does)')
-    absent = missing()
-    if absent:
-      raise ClusterError(f'missing {", ".join(absent)}: apt-get install {PACKAGES}')
+    why = unavailable()
+    if why:
+      raise ClusterError(why)
     try:
       socket.gethostbyname(self.node)
     except OSError as e:
@@ -145,7 +164,8 @@ class Cluster:
     self._write_config()
     sock = self.path('run', 'munge.sock')
     try:
-      self._spawn('munged', '--foreground', f'--socket={sock}', f'--key-file={self.path("munge", "munge.key")}',
+      self._spawn('munged', '--foreground', f'--socket={sock}',
+                  f'--key-file={self.path("munge", "munge.key")}',
                   f'--pid-file={self.path("run", "munged.pid")}', f'--seed-file={self.path("munge", "seed")}',
                   f'--log-file={self.path("log", "munged.log")}')
       self._wait('munge socket', lambda: os.path.exists(sock), timeout)
@@ -182,7 +202,7 @@ class Cluster:
 
   def wait_job(self, job_id: str, states=('COMPLETED',), timeout: float = 300, restarts: int = 0) -> dict:
     """Waits until the job is in a final state (after `restarts` requeues) and returns its fields; the
-    state must be one of `states`."""
+    state must be one of `states` (any final state if None)."""
     final = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY', 'PREEMPTED',
              'BOOT_FAIL', 'DEADLINE'}
     t0 = time.time()
@@ -193,7 +213,7 @@ class Cluster:
       if time.time() - t0 > timeout:
         raise ClusterError(f'job {job_id} still {info.get("JobState")} after {timeout:.0f} s\n{self.logs()}')
       time.sleep(0.5)
-    if info['JobState'] not in states:
+    if states and info['JobState'] not in states:
       raise ClusterError(f'job {job_id} ended {info["JobState"]} (exit {info.get("ExitCode")}), '
                          f'not {"/".join(states)}')
     return info

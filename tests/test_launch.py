@@ -371,8 +371,27 @@ def test_slurm_dry_run_one_process_per_gpu(capsys, tmp_path, monkeypatch):
   assert not (tmp_path / 'runs').exists()  # a dry run writes nothing
 
 
+def test_slurm_dry_run_processes_on_cpu_nodes(capsys):
+  # CPU nodes (tests/test_slurm.py runs this under a real scheduler): P processes per node, each with its
+  # share of the node's virtual CPU devices.
+  assert slurm.main(['--workdir=/shared/runs/cpu', '--nodes=2', '--gpus-per-node=0', '--processes-per-node=2',
+                     '--cpu-devices-per-node=8', '--dry-run']) == 0
+  script = capsys.readouterr().out
+  opts = sbatch_options(script)
+  assert opts['--nodes'] == '2' and opts['--ntasks-per-node'] == '2' and '--gres' not in opts
+  assert 'export VGGJAX_NUM_CPU_DEVICES=4' in script.splitlines() and 'JAX_LOCAL_DEVICE_IDS' not in script
+  assert '2 CPU node(s), 2 processes per node (4 processes in all)' in script
+  assert slurm.main(['--workdir=/shared/runs/cpu', '--gpus-per-node=0', '--dry-run']) == 0
+  script = capsys.readouterr().out
+  assert sbatch_options(script)['--ntasks-per-node'] == '1' and 'VGGJAX_NUM_CPU_DEVICES' not in script
+
+
 @pytest.mark.parametrize('args, message', [
     (['--nodes=2'], 'required: --workdir'),
+    (['--workdir=w', '--processes-per-node=2'], 'are for CPU nodes (--gpus-per-node=0)'),
+    (['--workdir=w', '--gpus-per-node=0', '--processes-per-node=2', '--cpu-devices-per-node=3'],
+     '--cpu-devices-per-node=3 must be a multiple of --processes-per-node=2'),
+    (['--workdir=w', '--gpus-per-node=0', '--processes-per-node=-1'], 'must be >= 0'),
     (['--workdir=w', '--nodes=0'], '--nodes must be >= 1'),
     (['--workdir=w', '--per=gpu', '--gpus-per-node=0'], '--per=gpu needs --gpus-per-node >= 1'),
     (['--workdir=w', '--env=1X=2'], '--env takes KEY=VALUE'),
