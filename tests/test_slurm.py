@@ -121,7 +121,7 @@ def test_two_processes_of_one_job_equal_one_process(two_process_job, cache, tmp_
   ref, _ = cli_util.final_params(tmp_path)
   diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
                                                            variables, ref))
-  assert max(diffs) <= 1e-5, max(diffs)
+  assert max(diffs) <= 1e-6, max(diffs)  # 7.5e-8 measured
 
 
 def test_sigterm_through_srun_checkpoints_and_the_requeued_job_resumes(cluster, cache, two_process_job,
