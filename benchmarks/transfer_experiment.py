@@ -145,6 +145,30 @@ def pixel_results(target: pathlib.Path, protocols: list[dict], ap_mode: str = 'v
   return out
 
 
+def control_results(source: pathlib.Path, nets: dict, sizes: dict, cache_dir: pathlib.Path, out: pathlib.Path
+                    ) -> dict:
+  """The control: the same descriptors, SVMs and random splits on held-out images of the classes the net
+  was trained on (the source's val folder as one pool), and raw pixels on the same splits."""
+  import ml_collections
+  from vggjax import transfer
+  cfg = ml_collections.ConfigDict({'source': 'folder', 'data_dir': str(source), 'train_split': 'val',
+                                   'eval_split': '', 'name': 'Fashion-MNIST 0-4'})
+  rows = {}
+  for method, weights in nets.items():
+    rows[method] = [transfer.transfer([str(weights)], cfg, workdir=str(out / f'control_{method}_{n}'),
+                                      scales=SCALES, train_per_class=n, num_splits=sizes['num_splits'],
+                                      cache_dir=str(cache_dir), progress=False)
+                    for n in sizes['splits_per_class']]
+  ex = transfer.open_examples(cfg, 'val')
+  x = np.stack([ex.image(i)[..., 0].reshape(-1) for i in range(len(ex))]).astype(np.float32)
+  x = transfer.l2_normalize(x)
+  rows['pixels'] = [transfer.run_protocol(x, ex.labels, transfer.class_splits(ex.labels, n, 0,
+                                                                              sizes['num_splits']),
+                                          num_classes=len(ex.class_names)) for n in sizes['splits_per_class']]
+  return {m: [{k: r[k] for k in ('mean_class_recall', 'mean_class_recall_std')} for r in rs]
+          for m, rs in rows.items()}
+
+
 def run(out: pathlib.Path, sizes: dict, data_dir: str = '', env: dict | None = None, log=print) -> dict:
   """The whole experiment; returns {'rows': {method: {column: metrics}}, ...}."""
   import ml_collections
@@ -189,13 +213,16 @@ def run(out: pathlib.Path, sizes: dict, data_dir: str = '', env: dict | None = N
   rows['finetuned'] = [None] * (len(protocols) - 1) + [transfer.transfer(
       [str(ft_run)], cfg, workdir=str(out / 'transfer' / 'finetuned'), scales=SCALES, classifier='net',
       cache_dir=str(out / 'descriptors'), progress=False)]
+  log('6. control: the same SVMs on held-out images of the source classes')
+  control = control_results(source, {'pretrained': src_run, 'untrained': untrained}, sizes,
+                            out / 'descriptors', out / 'transfer')
   keep = ('mean_class_recall', 'mean_class_recall_std', 'accuracy', 'mAP', 'mAP_std')
   table = {m: [None if r is None else {k: r[k] for k in keep if k in r} | {'C': [s['C'] for s in r['splits']]}
                for r in rs] for m, rs in rows.items()}
   result = {
       'date': datetime.date.today().isoformat(), 'machine': platform.platform(), 'cpus': os.cpu_count(),
       'sizes': sizes, 'scales': list(SCALES), 'source_classes': list(SOURCE_CLASSES),
-      'target_classes': list(TARGET_CLASSES), 'protocols': protocols, 'results': table,
+      'target_classes': list(TARGET_CLASSES), 'protocols': protocols, 'results': table, 'control': control,
       'source_val_top1': src_val[-1]['val_top1'] if src_val else None,
       'source_train_s': round(source_seconds, 1), 'finetune_s': round(finetune_seconds, 1),
       'wall_s': round(time.time() - t_start, 1)}
@@ -230,6 +257,16 @@ def markdown(result: dict) -> str:
       else:
         cells += [f'{100 * r["mean_class_recall"]:.1f}', f'{100 * r["mAP"]:.1f}']
     lines.append(f'| {METHOD_NAMES.get(method, method)} | ' + ' | '.join(cells) + ' |')
+  control = result.get('control')
+  if control:
+    ns = result['sizes']['splits_per_class']
+    lines += ['', '| control: held-out images of classes 0-4 | ' +
+              ' | '.join(f'mean class recall, {n}/class ({result["sizes"]["num_splits"]} splits)'
+                         for n in ns) + ' |',
+              '|---' * (len(ns) + 1) + '|']
+    for method, rs in control.items():
+      cells = [f'{100 * r["mean_class_recall"]:.1f} ± {100 * r["mean_class_recall_std"]:.1f}' for r in rs]
+      lines.append(f'| {METHOD_NAMES.get(method, method)} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
