@@ -189,16 +189,15 @@ def test_accumulation_with_batch_norm_uses_micro_batch_statistics():
   # The same running statistics from four train-mode forward passes over examples j, j+4, j+8, ...
   variables = {'params': start.params, 'batch_stats': start.batch_stats}
   x = train.normalize(jnp.asarray(batch['image'], jnp.float32), train.Normalization())
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
+                                           mutable=['batch_stats'])[1])
   for j in range(4):
-    logits, new = model.apply(variables, x[j::4], train=True, rngs={'dropout': jax.random.key(0)},
-                              mutable=['batch_stats'])
-    variables = {'params': start.params, 'batch_stats': new['batch_stats']}
+    variables = {'params': start.params, 'batch_stats': apply(variables, x[j::4])['batch_stats']}
   got = jax.device_get(state.batch_stats)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got,
                          jax.device_get(variables['batch_stats']))
   # ... which differ from one pass over the whole batch.
-  _, whole = model.apply({'params': start.params, 'batch_stats': start.batch_stats}, x, train=True,
-                         rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats'])
+  whole = apply({'params': start.params, 'batch_stats': start.batch_stats}, x)
   assert not np.allclose(got['bn1_1']['mean'], jax.device_get(whole['batch_stats']['bn1_1']['mean']))
   assert np.isfinite(float(metrics['loss']))
 
@@ -267,13 +266,18 @@ def test_dataset_colour_pca_reaches_the_step():
   tx = optim.make_optimizer(_optimizer())
   batch = parallel.global_batch(_batch(), mesh)
 
-  def loss(**kw):
-    state = train.create_train_state(model, tx, mesh, seed=0)
-    return float(train.make_train_step(model, tx, mesh, **kw)(state, batch, np.float32(0.01))[1]['loss'])
+  state = train.create_train_state(model, tx, mesh, seed=0)
 
-  # Zero eigenvalues: no shift at all; another dataset's eigen-decomposition: another shift.
+  def loss(**kw):  # the step donates its state: give it a copy
+    fresh = jax.tree_util.tree_map(jnp.copy, state)
+    return float(train.make_train_step(model, tx, mesh, **kw)(fresh, batch, np.float32(0.01))[1]['loss'])
+
+  # The step's colour shift uses the given eigen-decomposition: zero eigenvalues shift nothing ...
   assert loss(color_shift=0.1, eigval=(0, 0, 0)) == loss(color_shift=0.0)
-  assert loss(color_shift=0.1, eigval=(30.0, 10.0, 5.0), eigvec=np.eye(3)) != loss(color_shift=0.1)
+  # ... and another dataset's shifts along its own eigenvectors, by its own eigenvalues.
+  images = jnp.zeros((4, 2, 2, 3))
+  shifted = preprocessing.pca_lighting(jax.random.key(0), images, 0.1, (30.0, 0.0, 0.0), np.eye(3))
+  assert np.all(np.asarray(shifted[..., 1:]) == 0) and np.all(np.asarray(shifted[..., 0]) != 0)
   # prepare stats prints the overrides; they parse and validate.
   flags = prepare.pca_flags({'eigval': [50.0, 5.0, 1.0], 'eigvec': np.eye(3).tolist()})
   assert '--config.data.pca_eigval="(50, 5, 1)"' in flags and 'pca_eigvec="((1.0000, 0.0000' in flags
