@@ -1,0 +1,207 @@
+"""vggjax.plan: the real steps compiled for TPU slices that are not attached (libtpu as a compiler only).
+
+A narrow VGG-A on 32x32 images keeps every compile to seconds; the same code plans the full nets.
+"""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, subprocess_env
+
+pytest.importorskip('libtpu', reason='the TPU compiler (pip install "vggjax[tpu]")')
+
+from vggjax import hardware, models, plan  # noqa: E402
+
+NARROW = dict(width=0.0625, fc_features=64, num_classes=10)
+CLI_NARROW = ['--config.model.width=0.0625', '--config.model.fc_features=64', '--config.model.num_classes=10',
+              '--config.data.image_size=32', '--config.data.scale_min=32', '--config.data.scale_max=32',
+              '--config.model.dtype=bfloat16']
+
+
+def narrow_config(global_batch: int, **model):
+  from configs import vgg11
+  c = vgg11.get_config()
+  for k, v in {**NARROW, **model}.items():
+    c.model[k] = v
+  c.model.dtype = 'bfloat16'
+  c.data.image_size = c.data.scale_min = c.data.scale_max = 32
+  c.train.global_batch_size = global_batch
+  return c
+
+
+@pytest.fixture(scope='module')
+def one_host():
+  """A v5litepod-8 (one host, 8 chips): the narrow train step at a per-chip batch of 8."""
+  target = plan.tpu_target('v5litepod-8')
+  compiled = {}
+  report = plan.plan(narrow_config(64), target, steps_to_plan=('train',), compiled_out=compiled)
+  return target, report, compiled['train']
+
+
+@pytest.fixture(scope='module')
+def quarter():
+  """A quarter-width A at 64x64 (its activations outweigh the compiler's fixed scratch), train step at
+  per-chip batches 8 and 16 on a v5litepod-8."""
+  from vggjax import config_lib, parallel
+  target = plan.tpu_target('v5litepod-8')
+  config = narrow_config(64, width=0.25, fc_features=256)
+  config.data.image_size = config.data.scale_min = config.data.scale_max = 64
+  steps = plan.Steps.build(config_lib.resolve(config, 10), parallel.make_mesh(target.devices))
+  compiled = {b: plan.train_memory(steps, target, b, print) for b in (8, 16)}
+  return target, steps, compiled
+
+
+# --- the slice table ----------------------------------------------------------------------------------------
+
+def test_slice_names():
+  s = hardware.parse_slice('v5litepod-16')
+  assert (s.shape, s.chips, s.hosts, s.chips_per_host) == ((4, 4), 16, 4, 4)
+  assert hardware.parse_slice('v5e-16') == s  # the alias
+  assert hardware.parse_slice('v5litepod-8').hosts == 1
+  v4 = hardware.parse_slice('v4-8')  # the number counts TensorCores: 4 chips on one host
+  assert (v4.shape, v4.chips, v4.hosts, v4.topology_name) == ((2, 2, 1), 4, 1, 'v4:2x2x1')
+  assert hardware.parse_slice('v5p-128').wrap == (True, True, True)
+  big = hardware.parse_slice('v6e-256', num_slices=2)
+  assert (big.chips, big.hosts, big.wrap) == (512, 128, (True, True, False))
+  for bad in ('v7-8', 'tpu'):
+    with pytest.raises(ValueError, match='v5litepod-N.*v6e-N'):
+      hardware.parse_slice(bad)
+  with pytest.raises(ValueError, match='v5litepod-1, v5litepod-4, v5litepod-8, v5litepod-16'):
+    hardware.parse_slice('v5litepod-12')
+
+
+# --- one host ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_step_compiles_for_one_host(one_host):
+  _, report, _ = one_host
+  train = report['steps']['train']
+  assert train['compiles'] and train['fits'] and plan.exit_code(report) == 0
+  assert report['target']['hosts'] == 1 and report['input']['per_process_batch'] == 64
+  grads = [c for c in train['collectives'] if c['kind'] == 'all-reduce' and c['link'] == 'ICI']
+  assert grads and grads[0]['participants'] == 8  # the gradient all-reduce over the slice
+  assert train['estimate']['step_s'] > 0 and train['estimate']['kind'].startswith('estimate')
+
+
+@pytest.mark.slow
+def test_memory_is_the_compilers(one_host):
+  _, report, comp = one_host
+  mem = report['steps']['train']['memory']
+  ma = comp.compiled.memory_analysis()
+  assert mem['arguments_bytes'] == ma.argument_size_in_bytes
+  assert mem['compiler_peak_bytes'] == ma.peak_memory_in_bytes > 0
+  assert mem['code_bytes'] == ma.generated_code_size_in_bytes
+  assert mem['temporaries_bytes'] == ma.peak_memory_in_bytes - ma.argument_size_in_bytes
+  assert mem['total_bytes'] == ma.peak_memory_in_bytes + ma.generated_code_size_in_bytes
+  model = models.get_model('vgg11', image_size=32, **NARROW)
+  assert mem['parameters_bytes'] == models.param_count(model) * 4  # float32 parameters, replicated
+  assert mem['optimizer_state_bytes'] >= mem['parameters_bytes']  # the momentum buffer
+  assert mem['arguments_bytes'] >= mem['parameters_bytes'] + mem['optimizer_state_bytes'] + mem['batch_bytes']
+
+
+def _memory(target, steps, comp, per_chip):
+  """The plan's memory report of one compiled train step."""
+  parts = plan._state_parts(steps)
+  size = steps.config.data.image_size
+  return plan.step_report('train', comp, target, global_batch=per_chip * target.chips,
+                          analytic_flops_per_image=1, state_parts=parts,
+                          batch_bytes_per_chip=per_chip * (size * size * 3 + 4),
+                          image_hw=(size, size))['memory']
+
+
+@pytest.mark.slow
+def test_larger_batch_needs_more_temporaries(quarter):
+  target, steps, compiled = quarter
+  small, large = (_memory(target, steps, compiled[b], b) for b in (8, 16))
+  assert large['temporaries_bytes'] > small['temporaries_bytes']
+  assert large['batch_bytes'] == 2 * small['batch_bytes']
+  assert large['parameters_bytes'] == small['parameters_bytes']
+
+
+@pytest.mark.slow
+def test_max_batch_fits_and_its_double_does_not(quarter):
+  target, steps, compiled = quarter
+  at8, at16 = (_memory(target, steps, compiled[b], b)['total_bytes'] for b in (8, 16))
+  # An HBM between the memory at 8 and at 16 images per chip: the search (from 8, in steps of 8) probes 8,
+  # doubles to 16, and stops (the compiles at 8 and 16 are the fixture's).
+  small = dataclasses.replace(target, hbm_bytes=(at8 + at16) // 2)
+  found = plan.max_batch(steps, small, 8, print, known=compiled, granularity=8)
+  b = found['max_per_chip_batch']
+  assert b == 8
+  assert found['probes'][str(b)]['fits'] and found['probes'][str(b)]['total_bytes'] <= small.hbm_bytes
+  assert found['first_not_fitting'] <= 2 * b  # memory grows with the batch: the double does not fit either
+  assert not found['probes'][str(found['first_not_fitting'])]['fits']
+
+
+def test_valid_taps_against_the_analytic_count():
+  """At the paper's size the analytic count (every tap) and the compiler's (taps inside the image) differ by
+  the zero padding only: within 5% for A, D and E."""
+  for name in ('vgg11', 'vgg16', 'vgg19'):
+    model = models.get_model(name, image_size=224)
+    ratio = plan.valid_tap_flops(model, (224, 224), True) / (3 * models.flops(name, 224).flops)
+    assert 0.95 < ratio < 1.0, (name, ratio)
+
+
+@pytest.mark.slow
+def test_compiler_flops_agree(quarter):
+  """The compiler's FLOPs per image (the difference between two batches, which leaves out the per-step work
+  on the parameters: the optimizer, the finite checks) equal the analytic count of the taps inside the image
+  within 5%, on a quarter-width A at 64x64."""
+  _, steps, compiled = quarter
+  flops = {b: plan._cost(compiled[b].compiled)['flops'] for b in (8, 16)}
+  per_image = (flops[16] - flops[8]) / 8
+  valid = plan.valid_tap_flops(steps.model, (64, 64), True)
+  assert abs(per_image / valid - 1) < 0.05, (per_image, valid)
+
+
+# --- multi-host, multi-slice, the command line ------------------------------------------------------------
+
+def _run(args, timeout=900):
+  cmd = [sys.executable, '-m', 'vggjax.plan', '--config=configs/vgg11.py', *CLI_NARROW, *args]
+  return subprocess.run(cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_multi_host_slice_all_steps(tmp_path):
+  """The command on a 4-host v5litepod-16: the train, validation and dense steps, a table, JSON and
+  plan.json."""
+  r = _run(['--topology=v5litepod-16', '--config.train.global_batch_size=64', '--json',
+            f'--workdir={tmp_path}'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads(r.stdout)
+  assert report == json.loads((tmp_path / 'plan.json').read_text())
+  assert set(report['steps']) == {'train', 'eval', 'dense'}
+  assert all(s['compiles'] and s['fits'] for s in report['steps'].values())
+  assert report['target']['hosts'] == 4 and report['input']['per_process_batch'] == 16
+  assert report['steps']['dense']['test_scale'] == 32
+  sc = report['schedule']  # 74 epochs of ImageNet at 64 images a step
+  assert sc['steps'] == math.ceil(74 * 1_281_167 / 64) and sc['chip_hours'] > 0
+  assert 'ESTIMATE' in r.stderr and 'memory per chip' in r.stderr  # the table
+
+
+@pytest.mark.slow
+def test_two_slices_cross_dcn():
+  report = plan.plan(narrow_config(256), plan.tpu_target('v5litepod-16', num_slices=2),
+                     steps_to_plan=('train',))
+  train = report['steps']['train']
+  assert report['target']['chips'] == 32 and report['target']['hosts'] == 8
+  links = {(c['link'], c['kind'], c['participants']) for c in train['collectives']}
+  assert ('DCN', 'all-reduce', 2) in links and ('ICI', 'all-reduce', 16) in links
+  assert train['estimate']['dcn_s'] > 0
+
+
+@pytest.mark.slow
+def test_impossible_batch_is_reported():
+  r = _run(['--topology=v5litepod-8', '--steps=train', f'--config.train.global_batch_size={8 * 2 ** 19}'])
+  assert r.returncode == plan.EXIT_DOES_NOT_FIT, r.stderr[-3000:]
+  assert 'OUT OF MEMORY' in r.stdout and 'does not fit' in r.stderr
+
+
+def test_unknown_topology_lists_the_known():
+  r = _run(['--topology=v7-8', '--steps=train'], timeout=300)
+  assert r.returncode != 0 and 'v5litepod-N' in r.stderr and 'v6e-N' in r.stderr
