@@ -232,9 +232,13 @@ class Steps:
     from vggjax import train
     c, t = self.config, self.config.train
     k = self.accumulate_steps if accumulate_steps is None else accumulate_steps
+    pca = {}
+    if hasattr(train, 'IMAGENET_EIGVAL'):  # the colour shift's PCA of the data, as the trainer passes it
+      pca = dict(eigval=tuple(c.data.get('pca_eigval', train.IMAGENET_EIGVAL)),
+                 eigvec=tuple(map(tuple, c.data.get('pca_eigvec', train.IMAGENET_EIGVEC))))
     kwargs = _supported(train.make_train_step, norm=self.norm, color_shift=c.data.color_shift,
                         remat=c.model.remat if remat is None else remat, nan_policy=t.nan_policy,
-                        accumulate_steps=k, head=c.model.get('head', 'classify'))
+                        accumulate_steps=k, head=c.model.get('head', 'classify'), **pca)
     return train.make_train_step(self.model, self.tx, self.mesh, **kwargs)
 
   def eval_step(self):
