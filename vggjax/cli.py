@@ -115,6 +115,9 @@ COMMANDS = {
     'convert': ('vggjax.convert', 'import published weights: --from=torchvision|keras --src=FILE --out=DIR'),
     'prepare': ('vggjax.data.prepare', 'dataset statistics or array_record conversion: stats|convert'),
     'benchmark': ('vggjax.benchmark', 'time the train and eval steps on the available devices'),
+    'plan': ('vggjax.plan', 'compile a config for a TPU slice without one: memory, FLOPs, estimated time'),
+    'transfer': ('vggjax.transfer', 'Appendix B: fc7 descriptors, linear SVMs, mean class recall / mAP'),
+    'localize': ('vggjax.localize', 'Appendix A: localisation error of a box regressor and a classifier'),
 }
 
 

@@ -57,7 +57,7 @@ of each of them (multi-crop); lower --batch_size for large Q.
 Output: WORKDIR/eval.json (per model and fused, per protocol, per scale set: top1_err, top5_err,
 num_images, img_per_s; compiled shapes and buckets per scale) and a table laid out like the paper's
 Tables 3-5 on stdout. The host decodes and rescales in threads; the device does everything else
-(DESIGN.md decision 4: uint8 is shipped, the normalisation runs in the jitted functions).
+(docs/design.md, decision 4: uint8 is shipped, the normalisation runs in the jitted functions).
 """
 
 from __future__ import annotations
