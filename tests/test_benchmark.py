@@ -163,6 +163,7 @@ def test_cli_rejects_a_batch_the_devices_cannot_split():
   assert proc.returncode != 0 and 'multiple of the number of devices' in proc.stderr
 
 
+@pytest.mark.slow
 def test_max_batch_search_finds_the_edge():
   import jax
   opts = vb.Options(model='vgg11', image_size=32, dtype='float32', **TINY_OPTIONS)

@@ -75,6 +75,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
   assert not np.array_equal(a[0]['label'], c[0]['label'])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume_exactly():
   """0 workers vs 2 worker processes: identical batches; a resumed iterator with workers continues exactly
   (across an epoch boundary: 1497 // 256 = 5 steps per epoch); evaluation batches too."""
