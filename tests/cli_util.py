@@ -23,6 +23,9 @@ TINY = ['--config.model.width=0.125', '--config.model.fc_features=32', '--config
         '--config.train.global_batch_size=32', '--config.train.plot=False']
 
 
+# MULTIPROCESS_CACHE: multi-process CPU runs in these tests run without the persistent compilation cache. A
+# 2-process run that loaded its executables from the cache written by an earlier 2-process run failed at its
+# first collective (Gloo's 30 s join timeout) three times out of three here, and ran without the cache.
 def cli_env(tmp_cache: str | None, num_devices: int = 8, **extra) -> dict:
   env = subprocess_env(num_devices, **extra)
   if tmp_cache:  # the persistent compilation cache makes restarts cheap (cached executables are identical)

@@ -119,7 +119,7 @@ def test_two_processes_equal_one_process(tmp_path, cache, reference):
       port = cli_util.free_port()
       procs = [cli_util.start(
           tmp_path, *RUN, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
-          f'--process_id={i}', env=cli_util.cli_env(cache, num_devices=4),
+          f'--process_id={i}', env=cli_util.cli_env(None, num_devices=4),  # cli_util.MULTIPROCESS_CACHE
           log=tmp_path / f'log{i}.{attempt}.txt')
           for i in range(2)]
       codes = [p.wait(timeout=600) for p in procs]

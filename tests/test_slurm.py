@@ -47,7 +47,7 @@ def cache(tmp_path_factory):
 
 def submit(cluster, cache, workdir) -> str:
   """launch/slurm.py as a user runs it: 2 processes on the CPU node, 4 virtual CPU devices each."""
-  env = cluster.env(cli_util.cli_env(cache))
+  env = cluster.env(cli_util.cli_env(None))  # no persistent cache for 2 processes: cli_util.MULTIPROCESS_CACHE
   p = subprocess.run([sys.executable, str(REPO / 'launch' / 'slurm.py'), f'--workdir={workdir}',
                       '--gpus-per-node=0', '--processes-per-node=2', '--cpu-devices-per-node=8',
                       f'--python={sys.executable}', '--', *TRAIN],
