@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import shlex
 import shutil
 import signal
@@ -497,7 +498,12 @@ def test_sweep_dry_run_local(tmp_path, capsys):
   assert not root.exists()  # a dry run writes nothing
 
 
-def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys):
+def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys, monkeypatch):
+  # Hermetic: gs:// paths are read from a local folder standing in for the bucket (with gcsfs installed the
+  # sweep would otherwise look for finished runs in a real bucket over the network).
+  bucket = tmp_path / 'bucket'
+  monkeypatch.setattr(sweep, '_path', lambda p: pathlib.Path(
+      bucket / p.split('://', 1)[1] if sweep._is_remote(p) else p))
   assert sweep.main(['run', '--root=gs://bucket/sweep', '--config=configs/vgg11.py', '--grid',
                      'optimizer.lr=0.01,0.02', '--launcher=tpu', '--dry-run', '--', '--name=vgg',
                      '--zone=z']) == 0
