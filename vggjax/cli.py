@@ -97,6 +97,28 @@ def quiet_libraries() -> None:
       handler.addFilter(QuietLibraries())
 
 
+def run_command(define_flags, main) -> None:
+  """The absl entry point of a command whose flags `define_flags()` returns as {name: holder}: config roots
+  on sys.path (--config as a path or an installed name), then `main(argv, flag_holders=holders)`."""
+  import functools
+  from absl import app
+  add_config_roots(sys.argv)
+  holders = define_flags()
+  app.run(functools.partial(main, flag_holders=holders))
+
+
+def start_command(argv, flag_holders) -> dict:
+  """What a command's main does first: refuse stray arguments, quiet the libraries, set up virtual CPU
+  devices (its --num_cpu_devices flag). Returns the flags' values by name."""
+  from absl import app
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_libraries()
+  values = {k: v.value for k, v in flag_holders.items()}
+  set_cpu_devices(values.get('num_cpu_devices', 0))
+  return values
+
+
 def set_cpu_devices(num_cpu_devices: int = 0) -> None:
   """Virtual CPU devices for CPU runs and tests: the flag's value, else VGGJAX_NUM_CPU_DEVICES (before any
   device is queried)."""

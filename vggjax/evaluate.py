@@ -882,11 +882,7 @@ def _load_config(config, workdir: str):
 def main(argv, flag_holders) -> None:
   from absl import app
   from absl import logging as absl_logging
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
-  f = {k: v.value for k, v in flag_holders.items()}
-  cli.set_cpu_devices(f['num_cpu_devices'])
+  f = cli.start_command(argv, flag_holders)
   parallel.initialize(f['coordinator_address'], f['num_processes'], f['process_id'])
   if jax.process_index() != 0:
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -930,10 +926,7 @@ def main(argv, flag_holders) -> None:
 
 
 def run() -> None:
-  from absl import app
-  cli.add_config_roots(sys.argv)  # --config as a path or an installed config's name
-  holders = _define_flags()
-  app.run(functools.partial(main, flag_holders=holders))
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':

@@ -26,7 +26,6 @@ top-1 guesses of each protocol). ``localize(...)`` does the same from Python.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -285,11 +284,7 @@ def _define_flags():
 
 def main(argv, flag_holders) -> None:
   from absl import app
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
-  f = {k: v.value for k, v in flag_holders.items()}
-  cli.set_cpu_devices(f['num_cpu_devices'])
+  f = cli.start_command(argv, flag_holders)
   try:
     result = localize(f['classifier'], f['localizer'], protocols=f['protocols'], scale=f['scale'],
                       split=f['split'], max_images=f['max_images'], merge_threshold=f['merge_threshold'],
@@ -302,9 +297,7 @@ def main(argv, flag_holders) -> None:
 
 
 def run() -> None:
-  from absl import app
-  holders = _define_flags()
-  app.run(functools.partial(main, flag_holders=holders))
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':

@@ -996,10 +996,10 @@ def main(argv, flag_holders) -> None:
   else:
     print(table, flush=True)
   if f['workdir']:
-    os.makedirs(f['workdir'], exist_ok=True)
-    path = os.path.join(f['workdir'], 'plan.json')
-    with open(path, 'w') as fh:
-      json.dump(report, fh, indent=2, default=str)
+    from vggjax import logging as vlog  # the run-directory path layer: local or gs://
+    path = vlog.run_path(f['workdir'], 'plan.json')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vlog.write_text(path, json.dumps(report, indent=2, default=str))
     log(f'plan written to {path}')
   failed = report.get('failed')
   if failed:
@@ -1013,10 +1013,7 @@ def main(argv, flag_holders) -> None:
 
 
 def run() -> None:
-  from absl import app
-  cli.add_config_roots(sys.argv)
-  holders = _define_flags()
-  app.run(functools.partial(main, flag_holders=holders))
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':

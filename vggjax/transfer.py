@@ -787,11 +787,7 @@ def _define_flags():
 def main(argv, flag_holders) -> None:
   from absl import app
   from vggjax import cli
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
-  f = {k: v.value for k, v in flag_holders.items()}
-  cli.set_cpu_devices(f['num_cpu_devices'])
+  f = cli.start_command(argv, flag_holders)
   logging.getLogger('vggjax').setLevel(logging.INFO)
   try:
     scales = [int(q) for q in f['scales']]
@@ -818,12 +814,8 @@ def main(argv, flag_holders) -> None:
 
 
 def run() -> None:
-  import sys
-  from absl import app
   from vggjax import cli
-  cli.add_config_roots(sys.argv)
-  holders = _define_flags()
-  app.run(lambda argv: main(argv, holders))
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':
