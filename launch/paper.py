@@ -235,11 +235,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  extra: list[str] = []
-  if '--' in argv:
-    i = argv.index('--')
-    argv, extra = argv[:i], argv[i + 1:]
+  argv, extra = sweep.split_passthrough(argv)
   args = parser().parse_args(argv)
   try:
     return run(args, extra)

@@ -489,12 +489,17 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+  """(this script's arguments, those after `--`, passed on to the launcher or trainer)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if '--' not in argv:
+    return argv, []
+  i = argv.index('--')
+  return argv[:i], argv[i + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  extra: list[str] = []
-  if '--' in argv:
-    i = argv.index('--')
-    argv, extra = argv[:i], argv[i + 1:]
+  argv, extra = split_passthrough(argv)
   p = parser()
   args = p.parse_args(argv)
   try:
