@@ -5,7 +5,7 @@
     python benchmarks/torch_reference.py --model=vgg16 --batch=8 --dtype=float32 --device=cpu
 
 One step does what vggjax.train's does: uint8 NHWC images on the device are cast, shifted by AlexNet's PCA
-colour noise and mean-subtracted inside the step; the network is vggjax.torch_vgg.TorchVGG (torchvision's
+colour noise and mean-subtracted inside the step; the network is benchmarks/torch_vgg.py (torchvision's
 layout, the paper's Table 1) in training mode (dropout on); cross-entropy; SGD with momentum 0.9 and L2 5e-4
 on weights only (as vggjax's optimizer), lr 0.01. It runs in PyTorch's best configuration for the device:
 
@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 
 from vggjax import benchmark as vb  # noqa: E402
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN_RGB  # noqa: E402
-from vggjax.torch_vgg import CFGS, TorchVGG  # noqa: E402
+from benchmarks.torch_vgg import CFGS, TorchVGG  # noqa: E402
 
 
 def _scaled(features: int, width: float) -> int:

@@ -21,7 +21,7 @@ from vggjax.preprocessing import normalize  # noqa: E402
 
 torch = reference_module('torch')
 reference_module('safetensors')
-from vggjax.torch_vgg import TorchVGG  # noqa: E402
+from benchmarks.torch_vgg import TorchVGG  # noqa: E402
 
 TV_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TV_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -9,7 +9,7 @@ from conftest import center_crop, randomize_batch_norm, reference_module
 from vggjax import models, weights
 
 torch = reference_module('torch')
-from vggjax.torch_vgg import TorchVGG  # noqa: E402
+from benchmarks.torch_vgg import TorchVGG  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -695,7 +695,7 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   scales_done = np.zeros((len(eval_models), n_local), np.int64)  # per image, scales it was evaluated at
   bar = None
   if proc == 0 and progress:
-    from vggjax import logging as vlog
+    from vggjax import runlog as vlog
     bar = vlog.ProgressBar(sum(len(b) for b in plans.values()))
   steps, images_done = 0, 0
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
@@ -810,7 +810,7 @@ def format_table(result: Mapping) -> str:
 def write_results(result: Mapping, workdir: str) -> str:
   """WORKDIR/eval.json (atomically; local or gs://); the keys starting with '_' (per-image arrays) are left
   out."""
-  from vggjax import logging as vlog
+  from vggjax import runlog as vlog
   directory = checkpoints.absolute(workdir)
   directory.mkdir(parents=True, exist_ok=True)
 

@@ -996,7 +996,7 @@ def main(argv, flag_holders) -> None:
   else:
     print(table, flush=True)
   if f['workdir']:
-    from vggjax import logging as vlog  # the run-directory path layer: local or gs://
+    from vggjax import runlog as vlog  # the run-directory path layer: local or gs://
     path = vlog.run_path(f['workdir'], 'plan.json')
     path.parent.mkdir(parents=True, exist_ok=True)
     vlog.write_text(path, json.dumps(report, indent=2, default=str))

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, models, optim, parallel
-from vggjax import logging as vlog
+from vggjax import runlog as vlog
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
 
 if TYPE_CHECKING:  # configs are ml_collections ConfigDicts; the step functions need no ml_collections
