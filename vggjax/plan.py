@@ -30,9 +30,11 @@ TPU compiler for them. The plan does exactly that for the steps ``vggjax.main`` 
   the schedule's cost (wall-clock days and chip-hours for the config's epochs over the training set);
 * hosts, processes and per-process batch, and the images/s each host's input pipeline must sustain against
   the per-core rate measured in BENCHMARKS.md ("Input pipeline"): the cores per host it needs;
-* ``--max_batch``: the largest per-chip batch whose train step fits (doubling, then bisection on the
-  compiled memory; a compile that runs out of memory counts as not fitting), for the config's dtype and
-  ``model.remat``. When the config's batch does not fit, the search runs by itself and the plan says which
+* ``--max_batch``: the largest per-chip batch whose train step fits, for the config's dtype and
+  ``model.remat``. A step's memory is close to affine in its batch, so the config's batch and its double
+  give a line, the line predicts the edge, and the edge and one granule above it are compiled: about four
+  compiles where doubling and bisection took seven or more (a compile that runs out of memory counts as not
+  fitting; without two figures the search halves or bisects). The answer always comes from compiles. When the config's batch does not fit, the search runs by itself and the plan says which
   per-chip batch fits and how many accumulation steps (``train.accumulate_steps``) keep the global batch.
 
 A step that does not compile for the slice (an op the TPU compiler rejects, a sharding error, out of memory
@@ -441,6 +443,31 @@ def memory_total(mem: dict) -> tuple[int, int]:
   return mem['total_bytes'] + mem['code_bytes'], mem['temp_bytes']
 
 
+def libtpu_version() -> str | None:
+  """The version of the libtpu this process compiles with (None if it is not installed)."""
+  try:
+    import libtpu
+  except ImportError:
+    return None
+  return getattr(libtpu, '__version__', None) or 'unknown'
+
+
+def checked_memory(mem: dict, target: Target, step: str) -> tuple[int, int]:
+  """``memory_total`` of a TPU compile, refused where the compiler's memory analysis cannot be right: the
+  plan's fits/does-not-fit rests on it, so a missing peak, or a peak below the arguments it includes, is a
+  PlanError naming the libtpu rather than a verdict."""
+  if target.device_kind.startswith('TPU'):
+    peak = mem.get('peak_bytes') or 0
+    if peak <= 0:
+      raise PlanError(f'{target.name}: libtpu {libtpu_version()} gives no peak memory for the {step} step '
+                      f'(memory analysis {mem}); without it the plan cannot say whether the step fits')
+    if peak < mem['argument_bytes']:
+      raise PlanError(f'{target.name}: libtpu {libtpu_version()} reports a peak memory of {peak:,} bytes for '
+                      f'the {step} step, below its own arguments ({mem["argument_bytes"]:,} bytes): not a '
+                      f'memory analysis the plan can use')
+  return memory_total(mem)
+
+
 @dataclasses.dataclass
 class Compiled:
   ok: bool
@@ -485,7 +512,7 @@ def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
   mem = benchmark.compiled_memory(comp.compiled)
   if mem is None:
     raise PlanError(f'{target.name}: the compiler gives no memory analysis of the {step} step')
-  total, temporaries = memory_total(mem)
+  total, temporaries = checked_memory(mem, target, step)
   logical = sum(state_parts.values()) + batch_bytes_per_chip
   r['memory'] = {
       **state_parts, 'batch_bytes': batch_bytes_per_chip,
@@ -612,60 +639,97 @@ def train_memory(steps: Steps, target: Target, per_chip: int, log: Callable[[str
                       f'train step (per-chip batch {per_chip})', target, log)
 
 
+def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: int, step: int,
+                     limit: int = 4096, max_probes: int = 12) -> tuple[int, int | None, list[str]]:
+  """(largest fitting batch or 0, smallest batch known not to fit or None, how each probe was chosen):
+  the largest multiple of `step` whose memory `probe(b)` (bytes, or None for out of memory at compile time)
+  is at most `hbm_bytes`. The memory of a step is close to affine in its batch, so two probes give a line and
+  the line predicts the edge; every answer still comes from probes: the search ends only when a probe that
+  fits and a probe `step` above it that does not are both compiled. Where the line misses (or a probe ran
+  out of memory without a figure), the next probe moves one `step` past the last or bisects."""
+  totals: dict[int, int | None] = {}
+  why: list[str] = []
+
+  def ask(b: int, reason: str) -> bool:
+    if b not in totals:
+      if len(totals) >= max_probes:
+        raise PlanError(f'the largest batch was not found in {max_probes} compiles')
+      why.append(f'{b}: {reason}')
+      totals[b] = probe(b)
+    return totals[b] is not None and totals[b] <= hbm_bytes
+
+  def floor(x: float) -> int:
+    return int(x // step) * step
+
+  b = max(step, floor(start))
+  lo, hi = 0, None
+  if ask(b, 'the config\'s per-chip batch'):
+    lo = b
+  else:
+    hi = b
+  while hi is None or hi - lo > step:
+    measured = sorted((k, v) for k, v in totals.items() if v is not None)
+    guess = None
+    if len(measured) >= 2:  # the line through the two measured probes nearest the edge
+      near = sorted(measured, key=lambda kv: abs(kv[1] - hbm_bytes))[:2]
+      (b1, t1), (b2, t2) = sorted(near)
+      if t2 > t1 and b2 > b1:
+        guess = floor(b1 + (hbm_bytes - t1) * (b2 - b1) / (t2 - t1))
+        reason = f'the line through {b1} and {b2}'
+    if guess is None:  # no line yet: double up, halve down, or bisect
+      if hi is None:
+        guess, reason = 2 * lo, 'double'
+      elif lo == 0:
+        guess, reason = floor(hi / 2), 'halve'
+      else:
+        guess, reason = floor((lo + hi) / 2), 'bisect'
+    # stay strictly inside (lo, hi); a guess on a known probe moves one step inwards
+    guess = max(guess, lo + step)
+    if hi is not None:
+      guess = min(guess, hi - step)
+    if hi is None and guess > limit:
+      if lo >= limit or lo + step > limit:
+        break
+      guess = floor(limit)
+    if guess <= 0 or guess in totals:
+      break
+    if ask(guess, reason):
+      lo = guess
+    else:
+      hi = guess
+    if lo == 0 and hi is not None and hi <= step:
+      break
+  return lo, hi, why
+
+
 def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], None], limit: int = 4096,
               known: dict[int, Compiled] | None = None, granularity: int = 1) -> dict:
   """The largest per-chip batch (a multiple of `granularity` and of the accumulation steps) whose train
-  step fits in HBM: doubling from `start` (or halving while it does not fit), then bisection between the
-  largest that fits and the smallest that does not, to within `granularity`."""
+  step fits in HBM, by compiling (``search_max_batch``: the line through two compiles predicts the edge,
+  then the edge and one step above it are compiled)."""
   from vggjax import benchmark
   probes: dict[int, dict] = {}
   k = max(1, steps.accumulate_steps)
 
-  def fits(b: int) -> bool:
-    if b not in probes:
-      comp = (known or {}).get(b) or train_memory(steps, target, b, log)
-      mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
-      total = memory_total(mem)[0] if mem else None
-      probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
-                   'total_bytes': total, 'compile_s': round(comp.seconds, 1),
-                   'error': None if comp.ok else comp.error.splitlines()[0][:300]}
-      if not comp.ok and not comp.oom:
-        raise PlanError(f'{target.name}: the train step at per-chip batch {b} does not compile: {comp.error}')
-      log(f'  per-chip batch {b}: {"fits" if probes[b]["fits"] else "does not fit"}'
-          + (f' ({total / GIB:.2f} GiB)' if total else ' (out of memory at compile time)'))
-    return probes[b]['fits']
+  def probe(b: int) -> int | None:
+    comp = (known or {}).get(b) or train_memory(steps, target, b, log)
+    mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
+    total = checked_memory(mem, target, 'train')[0] if mem else None
+    probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
+                 'total_bytes': total, 'compile_s': round(comp.seconds, 1),
+                 'error': None if comp.ok else comp.error.splitlines()[0][:300]}
+    if not comp.ok and not comp.oom:
+      raise PlanError(f'{target.name}: the train step at per-chip batch {b} does not compile: {comp.error}')
+    log(f'  per-chip batch {b}: {"fits" if probes[b]["fits"] else "does not fit"}'
+        + (f' ({total / GIB:.2f} GiB)' if total else ' (out of memory at compile time)'))
+    return total if comp.ok else None
 
   step = math.lcm(k, max(1, granularity))  # the per-chip batch must split into the accumulation steps
-  b = max(step, start - start % step)
-  lo, hi = 0, None
-  if fits(b):
-    lo = b
-    while hi is None and 2 * lo <= limit:
-      if fits(2 * lo):
-        lo *= 2
-      else:
-        hi = 2 * lo
-  else:
-    hi = b
-    while lo == 0 and hi > step:
-      b = max(step, (hi // 2) - (hi // 2) % step)
-      if fits(b):
-        lo = b
-      else:
-        hi = b
-  while hi is not None and hi - lo > step:
-    mid = (lo + hi) // 2
-    mid -= mid % step
-    if mid <= lo:
-      break
-    if fits(mid):
-      lo = mid
-    else:
-      hi = mid
+  lo, hi, why = search_max_batch(probe, target.hbm_bytes, start, step, limit)
   return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step,
           'dtype': str(steps.config.model.dtype),
           'remat': bool(steps.config.model.remat), 'hbm_bytes': target.hbm_bytes,
-          'probes': {str(b): p for b, p in sorted(probes.items())}}
+          'probes': {str(b): p for b, p in sorted(probes.items())}, 'search': why}
 
 
 def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), find_max_batch: bool = False,
@@ -697,7 +761,9 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
   fwd = models.flops(m.name, size, train_size=size, **opts).flops
   report: dict[str, Any] = {
       'kind': 'plan (compiled for the target; times are estimates, not measurements)',
-      'date': time.strftime('%Y-%m-%d'), 'jax_version': jax.__version__, 'target': target.to_dict(),
+      'date': time.strftime('%Y-%m-%d'), 'jax_version': jax.__version__,
+      'libtpu_version': libtpu_version() if target.device_kind.startswith('TPU') else None,
+      'target': target.to_dict(),
       'model': {'name': m.name, 'dtype': str(m.dtype), 'remat': bool(m.remat), 'width': m.width,
                 'num_classes': m.num_classes, 'parameters': models.param_count(steps.model),
                 'image_size': size, 'train_scale': [int(d.scale_min), int(d.scale_max)]},
@@ -842,7 +908,8 @@ def format_report(r: dict) -> str:
   remat = ', remat' if m['remat'] else ''
   lines = [f'plan: {m["name"]} ({m["parameters"]:,} parameters, {m["dtype"]}{remat}) '
            f'on {t["name"]}, {t["chips"]} chips ({t["device_kind"]}), global batch {r["global_batch"]}'
-           + (f' in {r["accumulate_steps"]} accumulation steps' if r['accumulate_steps'] > 1 else '')]
+           + (f' in {r["accumulate_steps"]} accumulation steps' if r['accumulate_steps'] > 1 else '')
+           + (f'; compiled by libtpu {r["libtpu_version"]}' if r.get('libtpu_version') else '')]
   for name, s in r['steps'].items():
     head = (f'\n[{name}] per-chip batch {s["per_chip_batch"]} of {s["image_hw"][0]}x{s["image_hw"][1]} images'
             + (f' (test scale Q={s["test_scale"]})' if 'test_scale' in s else '')
