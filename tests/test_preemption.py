@@ -161,7 +161,7 @@ def test_sigterm_to_both_processes_during_evaluation_resumes_identically(tmp_pat
   # training steps, then one before each evaluation batch.
   points = [re.findall(r'every process stops at this point \(sync point (\d+)\)', text) for text in texts]
   assert points[0] == points[1] and len(points[0]) == 1, points
-  batches = math.ceil(next(r['val_count'] for r in cli_util.metrics(reference) if r.get('step') == 8) / 8)
+  batches = math.ceil(next(r['val_count'] for r in cli_util.metrics(reference) if 'val_count' in r) / 8)
   assert 8 < int(points[0][0]) <= 8 + batches, (points, batches)
   assert _evals(run) == []  # the pass did not complete
   host = _host_state(run, 8)
