@@ -1,7 +1,7 @@
 """The paper's localisation comparison (Appendix A, Table 8) on the test bed: SCR vs PCR, fine-tuning all
 layers vs the FC layers only, central crop vs dense application with greedy merging.
 
-    python benchmarks/localization_experiment.py --root=runs/loc_experiment [--steps=300 --cls_steps=600]
+    python benchmarks/localization_experiment.py --root=runs/loc_experiment [--steps=300 --cls_steps=450]
 
 Builds the test bed (benchmarks/make_box_testbed.py) unless ROOT/testbed exists, trains a classifier of plain
 Fashion-MNIST (configs/boxes_testbed.py:pretrain, ROOT/pretrain) and from it the test bed's classifier
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--root', required=True)
   parser.add_argument('--steps', type=int, default=300, help='training steps of each localisation net')
-  parser.add_argument('--cls_steps', type=int, default=600, help='training steps of the classifier')
+  parser.add_argument('--cls_steps', type=int, default=450, help='training steps of the classifier')
   parser.add_argument('--pretrain_steps', type=int, default=150,
                       help='training steps of the plain Fashion-MNIST classifier it starts from')
   parser.add_argument('--train', type=int, default=2000, help='test-bed training pictures')
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
   if not _trained(cls, args.cls_steps):
     _run([py, '-m', 'vggjax.main', f'--config={config}:classify', f'--workdir={cls}', f'--config.init_from={pre}',
           f'--config.train.max_steps={args.cls_steps}',
-          f'--config.train.eval_every_steps={args.cls_steps // 4}',
+          f'--config.train.eval_every_steps={args.cls_steps // 3}',
           *common], root / 'classify.log')
   rows = []
   for head, layers, trainable in SETTINGS:

@@ -67,7 +67,7 @@ def get_config(net: str | None = None):
     config.optimizer.lr = 0.01
   elif net == 'classify':
     config.data.boxes_file = ''      # a classifier: the folder's labels only
-    config.train.max_steps = 400
+    config.train.max_steps = 450
     config.optimizer.lr = 0.01
     config.init_layers = 'all'
   else:

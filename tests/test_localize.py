@@ -160,9 +160,11 @@ def test_testbed_learns_and_localize_cli(tmp_path):
   subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'make_box_testbed.py'), f'--out={root}',
                   '--train=768', '--val=128'], check=True, env=env, cwd=tmp_path, capture_output=True)
   common = ['--config.data.data_dir=' + str(root), '--config.model.width=0.125', '--config.train.plot=false']
-  # A classifier only to guess classes (a few steps), and a PCR net trained from scratch at a higher lr than
-  # the fine-tuning recipe's 1e-3 (no classifier to start from in two minutes).
-  runs = {'classify': (8, 0.05), 'pcr': (240, 0.05)}
+  # A classifier only to guess classes (a few steps, its config's lr), and a PCR net trained from scratch at a
+  # higher lr than the fine-tuning recipe's 1e-3: the paper's chain (a Fashion-MNIST net, the classifier from
+  # it, the box nets from that: benchmarks/localization_experiment.py) took about 50 minutes on the shared CPU,
+  # too much for CI; this checks that a box net learns, through the same commands.
+  runs = {'classify': (8, 0.01), 'pcr': (240, 0.05)}
   for head, (steps, lr) in runs.items():
     subprocess.run([sys.executable, '-m', 'vggjax.main', f'--config={REPO}/configs/boxes_testbed.py:{head}',
                     f'--workdir={tmp_path / head}', f'--config.train.max_steps={steps}',
@@ -180,8 +182,9 @@ def test_testbed_learns_and_localize_cli(tmp_path):
     assert 0 <= r['top1_error'] <= 1 and r['top5_error'] <= r['top1_error']
     assert r['whole_image_gt_class_error'] > 0.9  # the trivial box almost never overlaps by IoU > 0.5
   # The PCR net (true class given, central crop) beats the whole-image box. Measured with these settings
-  # (BENCHMARKS.md, Localisation): 10% of the boxes right (error 0.898) where the whole image gets none, mean
-  # IoU 0.214 against 0.149; the bounds below keep about half of each margin.
+  # (BENCHMARKS.md, Localisation): 10-12% of the boxes right (error 0.898, and 0.883 with the classes in
+  # Fashion-MNIST's order) where the whole image gets none, mean IoU 0.214 and 0.208 against 0.149; the
+  # bounds below keep about half of each margin.
   crop = result['protocols']['crop']
   assert crop['gt_class_error'] <= 0.95 < crop['whole_image_gt_class_error'], crop
   assert crop['mean_iou_gt_class'] > crop['whole_image_mean_iou'] + 0.03, crop
