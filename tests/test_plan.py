@@ -86,6 +86,18 @@ def test_train_step_compiles_for_one_host(one_host):
   grads = [c for c in train['collectives'] if c['kind'] == 'all-reduce' and c['link'] == 'ICI']
   assert grads and grads[0]['participants'] == 8  # the gradient all-reduce over the slice
   assert train['estimate']['step_s'] > 0 and train['estimate']['kind'].startswith('estimate')
+  assert 'recomputes' not in train  # no remat: the compiled FLOPs are the model's
+
+
+@pytest.mark.slow
+def test_recomputation_is_reported():
+  """A train step that recomputes activations (here model.remat; an older libtpu also rematerialises by
+  itself to fit a batch whose activations do not fit) does more FLOPs than the model: the plan says so."""
+  report = plan.plan(narrow_config(64, remat=True), plan.tpu_target('v5litepod-8'), steps_to_plan=('train',))
+  train = report['steps']['train']
+  assert train['recomputes']['model_remat'] is True
+  assert train['recomputes']['compiler_over_model_flops'] > plan.RECOMPUTE_RATIO
+  assert 'RECOMPUTES' in plan.format_report(report)
 
 
 @pytest.mark.slow

@@ -70,6 +70,10 @@ if __name__ == '__main__':
 GIB = 1024 ** 3
 EXIT_COMPILE_ERROR = 3
 EXIT_DOES_NOT_FIT = 4
+# A train step whose compiled FLOPs exceed the model's (the taps inside the image) by more than this
+# recomputes activations. Measured on a v5litepod-8: D 1.004; the narrow test net 1.15 (its elementwise work
+# is a larger share of a tiny net), 1.54 with model.remat (the forward convolutions done twice).
+RECOMPUTE_RATIO = 1.25
 
 # Images per core-second of the whole input pipeline (folder source, Grain, batches of 32), from
 # BENCHMARKS.md "Input pipeline" (2-core AMD EPYC VM, 2026-11-28): S = 256 and S ~ U[256, 512].
@@ -496,7 +500,7 @@ def compile_step(fn, args: tuple, what: str, target: Target, log: Callable[[str]
 def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
                 analytic_flops_per_image: float, state_parts: dict, batch_bytes_per_chip: int,
                 image_hw: tuple[int, int], loop_trips: int = 1,
-                valid_flops_per_image: float | None = None) -> dict:
+                valid_flops_per_image: float | None = None, step_remat: bool = False) -> dict:
   """Memory, FLOPs, collectives and the roofline estimate of one compiled step (per chip). XLA's cost
   analysis counts the body of a loop once: where the step loops (`loop_trips`: the dense step's flip, the
   train step's accumulation), the estimate scales the compiler's FLOPs and bytes by the trip count (which
@@ -532,6 +536,12 @@ def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
                 'compiler_over_analytic': (flops / analytic) if flops and analytic else None,
                 'analytic_valid_taps_per_chip': valid,
                 'compiler_over_valid_taps': (flops / valid) if flops and valid else None}
+  over = r['flops']['compiler_over_valid_taps']
+  if step == 'train' and over and over > RECOMPUTE_RATIO and loop_trips == 1:
+    # More FLOPs than the model's: the compiler recomputes activations (model.remat, or its own
+    # rematerialisation when the activations do not fit; libtpu 0.0.42.1 squeezes into HBM batches that
+    # 0.0.52 rejects). The step fits only by recomputing, and the estimate below includes the recomputation.
+    r['recomputes'] = {'compiler_over_model_flops': over, 'model_remat': step_remat}
   hbm_bytes = cost.get('bytes accessed')
   r['hbm_bytes_accessed_per_chip'] = hbm_bytes
   text = comp.compiled.as_text() or ''
@@ -779,7 +789,8 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
                                            batch_bytes_per_chip=per_chip * img_bytes, image_hw=(size, size),
                                            loop_trips=steps.accumulate_steps,
                                            valid_flops_per_image=valid_tap_flops(steps.model, (size, size),
-                                                                                 True))
+                                                                                 True),
+                                           step_remat=bool(m.remat))
     tr = report['steps']['train']
     if comp.ok is False and not comp.oom:
       report['failed'] = {'step': 'train', 'topology': target.name, 'message': comp.error}
@@ -928,6 +939,13 @@ def format_report(r: dict) -> str:
                  + f', batch {_gib(mm["batch_bytes"])}, all arguments {_gib(mm["arguments_bytes"])}, '
                  f'temporaries {_gib(mm["temporaries_bytes"])}, code {_gib(mm["code_bytes"])}; '
                  f'total {_gib(mm["total_bytes"])} of {_gib(mm["hbm_bytes"])} HBM: {verdict}')
+    rc = s.get('recomputes')
+    if rc:
+      lines.append(f'  RECOMPUTES: the compiled step does {rc["compiler_over_model_flops"]:.2f}x the model\'s '
+                   'FLOPs: it fits only by recomputing activations ('
+                   + ('model.remat is on' if rc['model_remat'] else
+                      'the compiler\'s own rematerialisation: model.remat is off; the activations of this batch '
+                      'do not fit without it') + '); the estimate includes the recomputation')
     f = s['flops']
     ratio = f['compiler_over_analytic']
     valid = f.get('compiler_over_valid_taps')
