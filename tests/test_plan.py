@@ -268,6 +268,8 @@ def test_two_slices_cross_dcn():
 
 @pytest.mark.slow
 def test_impossible_batch_is_reported():
+  """524,288 images per chip: libtpu 0.0.52 (the tpu extra's) stops with CompileTimeHbmOom in under a minute;
+  0.0.42.1 squeezes it into HBM after 22 minutes (BENCHMARKS.md, "Which libtpu")."""
   r = _run(['--topology=v5litepod-8', '--steps=train', f'--config.train.global_batch_size={8 * 2 ** 19}'])
   assert r.returncode == plan.EXIT_DOES_NOT_FIT, r.stderr[-3000:]
   assert 'OUT OF MEMORY' in r.stdout and 'does not fit' in r.stderr
