@@ -17,8 +17,9 @@ Steps, all through vggjax's own commands and functions:
 1. Image folders (PNG, the `folder` source) from Debian's dataset-fashion-mnist IDX files: the source
    classes (train and val) and the target classes (train: the fine-tuning / fixed-split SVM training images;
    val: the test images), sampled per class with a fixed seed.
-2. The source net: `vggjax.main` on the source folder (the demo's recipe: narrow VGG-A at 32x32, scale
-   jittering S in [32, 40] (plain) or [32, 48] (photos), SGD, dropout, Glorot init).
+2. The source net: `vggjax.main` on the source folder (the demo's recipe: narrow VGG-A at 32x32, SGD, Glorot
+   init; plain: scale jittering S in [32, 40], dropout; photos: S in [32, 48], batch norm (vgg11_bn), inputs
+   divided by their standard deviation, no dropout - see recipe_overrides).
 3. An untrained net: the same architecture and initialisation, no training step.
 4. vggjax.transfer on the target folder, for three feature kinds: the source net's fc7 descriptors (the
    paper's Appendix B: dense over the image at Q in {32, 40, 48}, flips, averaged over scales, L2-normalised),
