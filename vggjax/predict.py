@@ -13,7 +13,9 @@ Protocols (paper section 3.2):
 
 With several scales (``--scales=256,384,512``) the posteriors of all scales are averaged. The images are
 normalised as the weights' metadata says (vggjax.json's normalization), so converted weights see exactly
-what their source framework fed them.
+what their source framework fed them; they are read upright (EXIF orientation) and rescaled and cropped in
+torchvision's style (``vggjax.data.transforms``, style='torchvision'). The classification runs through
+``vggjax.evaluation``'s ImageEvaluator and posterior function, as every evaluation in vggjax does.
 """
 
 from __future__ import annotations

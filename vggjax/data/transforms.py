@@ -1,6 +1,7 @@
 """The image conventions of vggjax, in one module: decode (EXIF orientation applied), isotropic rescale of
 the smaller side, crops and flips (paper sections 3.1 and 3.2). Training, validation, ``vggjax.evaluate``,
-``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here.
+``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here (docs/design.md,
+decision 28).
 
 Everything here works on uint8 RGB arrays (H, W, 3) and returns uint8: the cast, the mean subtraction and the
 PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, decision 4).

@@ -3,7 +3,7 @@ the variables; it returns metrics (validation, the paper's protocols) or per-ima
 features). Training's validation, ``vggjax.evaluate``, ``vggjax.predict``, ``vggjax.features`` and transfer
 all go through one of the three evaluators here, and so through ``vggjax.evaluation.inference`` (the one
 path from uint8 images to posteriors or descriptors) and ``vggjax.data.transforms`` (the one image
-convention). docs/design.md, decision 17, says why.
+convention). docs/design.md, decision 27, says why.
 """
 
 from __future__ import annotations
