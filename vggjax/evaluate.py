@@ -1,4 +1,4 @@
-"""The command of the paper's evaluation protocols (sections 3.2 and 4) over every image of a validation split.
+"""The command of the paper's evaluation protocols (sections 3.2 and 4) over every image of a split.
 
     python -m vggjax.evaluate --workdir=runs/D                        # the run's latest checkpoint and config
     python -m vggjax.evaluate --config=configs/vgg16.py --workdir=runs/D --multiscale

@@ -56,8 +56,8 @@ def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[
   fn = descriptor_fn(model, checkpoints.normalization_from_meta(meta), flip)
   images = list(images)
   # Images are decoded a chunk at a time, so a large folder is never held in memory at once.
-  settings = ImageSettings(scales=tuple(scales), style='torchvision', batch_size=batch_size, progress=progress,
-                           desc='features')
+  settings = ImageSettings(scales=tuple(scales), style='torchvision', batch_size=batch_size,
+                           progress=progress, desc='features')
   per_scale = ImageEvaluator(fn, settings).run(variables, images)
   if not images:
     width = np.shape(variables['params']['fc7']['kernel'])[-1]

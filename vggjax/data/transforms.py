@@ -1,7 +1,7 @@
 """The image conventions of vggjax, in one module: decode (EXIF orientation applied), isotropic rescale of
 the smaller side, crops and flips (paper sections 3.1 and 3.2). Training, validation, ``vggjax.evaluate``,
-``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here (docs/design.md,
-decision 28).
+``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here
+(docs/design.md, decision 28).
 
 Everything here works on uint8 RGB arrays (H, W, 3) and returns uint8: the cast, the mean subtraction and the
 PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, decision 4).
@@ -9,8 +9,8 @@ PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, de
 Two styles of rescaling and cropping, chosen with ``style=``:
 
 * ``'caffe'`` (the default; training, validation, evaluate, localisation): OpenCV, as Caffe's data layer;
-* ``'torchvision'`` (predict, features, transfer): Pillow bilinear, antialiased when shrinking, the longer side
-  truncated (``int(L * s / min(H, W))``) and the central crop at ``round((H - size) / 2)``: exactly
+* ``'torchvision'`` (predict, features, transfer): Pillow bilinear, antialiased when shrinking, the longer
+  side truncated (``int(L * s / min(H, W))``) and the central crop at ``round((H - size) / 2)``: exactly
   torchvision's ``Resize(s)`` + ``CenterCrop(size)`` of a PIL image, what converted torchvision weights saw.
 
 EXIF orientation. A photo whose EXIF orientation tag says it was taken rotated or mirrored is turned upright

@@ -19,6 +19,7 @@ import numpy as np
 
 from vggjax import parallel, runlog
 from vggjax.data import transforms
+from vggjax.evaluation.scales import ASPECT_BUCKETS, PROTOCOLS
 
 
 class Evaluator(abc.ABC):
@@ -70,10 +71,10 @@ class ValidationEvaluator(Evaluator):
 @dataclasses.dataclass(frozen=True)
 class ProtocolSettings:
   """How ``evaluate`` runs (see its docstring)."""
-  protocols: tuple[str, ...] = ('single', 'dense', 'multicrop', 'dense+multicrop')
+  protocols: tuple[str, ...] = PROTOCOLS
   batch_size: int = 0
   num_threads: int = 0
-  aspect_buckets: tuple[float, ...] = (1.0, 4 / 3, 1.5, 2.0, 3.0)
+  aspect_buckets: tuple[float, ...] = ASPECT_BUCKETS
   dct_scaling: bool = True
   flip: bool = True
   crops_per_step: int = 5
@@ -98,8 +99,8 @@ class ProtocolEvaluator(Evaluator):
         raise ValueError(f'{len(variables)} variables given for {len(models)} models')
       models = [dataclasses.replace(m, variables=v) for m, v in zip(models, variables)]
     s = self.settings
-    return engine.evaluate(models, self.source, protocols=s.protocols, batch_size=s.batch_size, mesh=self.mesh,
-                           num_threads=s.num_threads, aspect_buckets=s.aspect_buckets,
+    return engine.evaluate(models, self.source, protocols=s.protocols, batch_size=s.batch_size,
+                           mesh=self.mesh, num_threads=s.num_threads, aspect_buckets=s.aspect_buckets,
                            dct_scaling=s.dct_scaling, flip=s.flip, crops_per_step=s.crops_per_step,
                            progress=s.progress, return_posteriors=s.return_posteriors)
 
