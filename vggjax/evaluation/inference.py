@@ -25,11 +25,12 @@ from vggjax.preprocessing import Normalization, normalize
 # Unpadded batches: images of one shape (validation, predict, features).
 
 
-def logits(model: models.VGG, variables: Any, images: jax.Array, norm: Normalization = Normalization()
-           ) -> jax.Array:
+def logits(model: models.VGG, variables: Any, images: jax.Array, norm: Normalization = Normalization(),
+           method: str = '__call__') -> jax.Array:
   """Class scores (B, classes) of uint8 RGB images (B, H, W, 3) of one shape: the FC net at the training
-  size, the averaged class score map above it."""
-  return model.apply(variables, normalize(images, norm), train=False)
+  size, the averaged class score map above it (method='score_map': the map itself; a box net's outputs
+  likewise)."""
+  return model.apply(variables, normalize(images, norm), train=False, method=method)
 
 
 def posterior_fn(model: models.VGG, norm: Normalization = Normalization(), flip: bool = False) -> Callable:
