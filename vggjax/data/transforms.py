@@ -2,6 +2,8 @@
 the smaller side, crops and flips (paper sections 3.1 and 3.2). Training, validation, ``vggjax.evaluate``,
 ``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here
 (docs/design.md, decision 28).
+It is a little over 400 lines on purpose: decoding, EXIF, geometry and the paper's transforms are one
+convention, and splitting them would bring back the two stacks this module replaced.
 
 Everything here works on uint8 RGB arrays (H, W, 3) and returns uint8: the cast, the mean subtraction and the
 PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, decision 4).
