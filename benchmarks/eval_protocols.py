@@ -151,6 +151,7 @@ def main(argv=None) -> int:
   if args.num_cpu_devices > 1:
     jax.config.update('jax_num_cpu_devices', args.num_cpu_devices)
   from vggjax import evaluate as ev
+  from vggjax.evaluation import engine
   from vggjax import models
   from vggjax.data import transforms
   scales = ([int(q) for q in args.scales.split(',')] if args.scales else
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                        progress=not args.json)
   flops = analytic_flops(args, source, scales)
   rows = []
-  keys = [str(q) for q in scales] + ([ev._scale_key(scales)] if len(scales) > 1 else [])
+  keys = [str(q) for q in scales] + ([engine._scale_key(scales)] if len(scales) > 1 else [])
   per = result['results'][m.label]
   for key in keys:
     qs = [int(q) for q in key.split(',')]

@@ -196,3 +196,82 @@ def test_rgb_covariance_eig_of_real_photos(real_photos):
   # Natural photos: one dominant, all-positive (brightness) component, like ImageNet's.
   assert eigval[0] > 3 * eigval[1]
   assert abs(abs(eigvec[:, 0] @ np.ones(3) / np.sqrt(3)) - 1) < 0.1
+
+
+def _with_orientation(image: np.ndarray, orientation: int, fmt: str = 'JPEG') -> bytes:
+  """The image saved with an EXIF orientation tag (the pixels stored as they are, the tag saying how to turn
+  them upright), as a camera does."""
+  pil = Image.fromarray(image)
+  exif = pil.getexif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  pil.save(buf, fmt, exif=exif.tobytes(), **({'quality': 92} if fmt == 'JPEG' else {}))
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_decode_applies_every_exif_orientation_as_pillow(real_photos, fmt):
+  from PIL import ImageOps
+  photo = transforms.rescale(real_photos[0], 60)  # 60x90: not square, so rotations change the shape
+  for orientation in range(1, 9):
+    data = _with_orientation(photo, orientation, fmt)
+    with Image.open(io.BytesIO(data)) as im:
+      upright = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+    assert transforms.dimensions(data) == upright.shape[:2], orientation
+    np.testing.assert_array_equal(transforms.decode(data), upright, err_msg=f'orientation {orientation}')
+    if fmt == 'JPEG':
+      assert transforms.jpeg_orientation(data) == orientation
+
+
+def test_a_rotated_photo_is_upright_in_training_evaluation_and_predict(real_photos, tmp_path):
+  """A real photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise), read from an image
+  folder: training's crop, the evaluation's rescaled image and predict's decoded file are those of the upright
+  photo."""
+  from PIL import ImageOps
+
+  from vggjax.data import sources
+  from vggjax.evaluation import planning
+  photo = real_photos[1]  # 427x640, landscape
+  (tmp_path / 'train' / 'flower').mkdir(parents=True)
+  path = tmp_path / 'train' / 'flower' / 'sideways.jpg'
+  path.write_bytes(_with_orientation(photo, 6))
+  with Image.open(path) as im:
+    upright = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+  assert upright.shape[:2] == photo.shape[1::-1]  # portrait once turned
+  source = sources.FolderSource(tmp_path, 'train')
+  data, _ = source.record(0)
+
+  # Training: the random crop of the decoded file is the crop of the upright photo (same draws).
+  kw = dict(image_size=96, scale_min=128, scale_max=160, dct_scaling=False)
+  for seed in range(3):
+    np.testing.assert_array_equal(transforms.train_transform(data, seed, **kw),
+                                  transforms.train_transform(upright, seed, **kw))
+  np.testing.assert_array_equal(transforms.eval_transform(data, image_size=96, scale=128, dct_scaling=False),
+                                transforms.eval_transform(upright, image_size=96, scale=128))
+  assert transforms.train_transform(data, 0, **dict(kw, dct_scaling=True)).shape == (96, 96, 3)
+
+  # Evaluation: the reader's dimensions and rescaled image are the upright photo's.
+  reader = planning._Reader(source, dct_scaling=False)  # noqa: SLF001
+  h, w, _ = reader.dims(0)
+  assert (h, w) == upright.shape[:2]
+  np.testing.assert_array_equal(reader.rescaled(0, 128, h, w), transforms.rescale(upright, 128))
+
+  # predict and features: the decoded file.
+  np.testing.assert_array_equal(transforms.as_image(path), upright)
+  np.testing.assert_array_equal(transforms.as_image(str(path)), upright)
+
+
+def test_torchvision_style_is_torchvisions_resize_and_center_crop(real_photos):
+  photo = real_photos[0]
+  pil = Image.fromarray(photo)
+  w, h = pil.size
+  size = 100
+  long = int(size * max(w, h) / min(w, h))
+  expected = np.asarray(pil.resize((long, size) if h <= w else (size, long), Image.BILINEAR))
+  got = transforms.rescale(photo, size, style='torchvision')
+  np.testing.assert_array_equal(got, expected)
+  crop = transforms.center_crop(got, 64, style='torchvision')
+  top, left = int(round((got.shape[0] - 64) / 2.0)), int(round((got.shape[1] - 64) / 2.0))
+  np.testing.assert_array_equal(crop, got[top:top + 64, left:left + 64])
+  with pytest.raises(ValueError, match="unknown image style 'pillow'; valid: caffe, torchvision"):
+    transforms.rescale(photo, size, style='pillow')

@@ -286,7 +286,7 @@ def test_every_image_once_with_a_split_not_a_multiple_of_the_batch(result, two_m
   for q in (32, 48):
     ref = _reference(m.model, m.variables, source, q)
     for p in ev.PROTOCOLS:
-      got = result['_posteriors'][('A', p, str(q))]
+      got = result.posteriors[('A', p, str(q))]
       np.testing.assert_allclose(got, ref[p], rtol=1e-4, atol=1e-6)
       entry = result['results']['A'][p][str(q)]
       assert entry['num_images'] == 13
@@ -301,7 +301,7 @@ def test_every_image_once_with_a_split_not_a_multiple_of_the_batch(result, two_m
 
 
 def test_fusion_and_multiscale_arithmetic(result, source):
-  post = result['_posteriors']
+  post = result.posteriors
   y = np.asarray(source.labels)
   assert set(result['results']) == {'A', 'A-LRN', 'fusion'}
   assert set(result['results']['A-LRN']['dense']) == {'48'}
@@ -448,9 +448,9 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
 def _posteriors_by_image(result) -> dict:
   """{'protocol|scales': {image index: posterior}} of an evaluate(..., return_posteriors=True) result."""
   out = {}
-  for (_, protocol, scales), post in result['_posteriors'].items():
+  for (_, protocol, scales), post in result.posteriors.items():
     rows = out.setdefault(f'{protocol}|{scales}', {})
-    for index, p in zip(result['_indices'], post):
+    for index, p in zip(result.indices, post):
       assert int(index) not in rows, f'image {index} evaluated twice by one process'
       rows[int(index)] = p
   return out
@@ -473,8 +473,8 @@ def _evaluate_process(port: str, process_id: str, checkpoint: str, out: str) -> 
                        protocols=('dense', 'single'), batch_size=8, flip=False, progress=False,
                        return_posteriors=True)
   rows = _posteriors_by_image(result)
-  np.savez(out, indices=np.asarray(result['_indices']),
-           **{key: np.stack([rows[key][i] for i in result['_indices']]) for key in rows})
+  np.savez(out, indices=np.asarray(result.indices),
+           **{key: np.stack([rows[key][i] for i in result.indices]) for key in rows})
   jax.distributed.shutdown()
 
 

@@ -19,30 +19,17 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vggjax import checkpoints
-from vggjax.predict import apply_batched, as_image, list_images, progress_bar, resize_smaller_side
-from vggjax.preprocessing import Normalization, normalize, test_scales
+from vggjax.data.transforms import list_images
+from vggjax.evaluation import ImageEvaluator, ImageSettings, descriptor_fn
+from vggjax.preprocessing import test_scales
 
 COMBINE = ('average', 'stack')
 PAPER_SCALES = test_scales(256, 512, multiscale=True)  # (256, 384, 512): multi-scale Q for S in [256; 512]
-
-
-def _descriptor_fn(model, norm: Normalization, flip: bool = True) -> Callable:
-  """The jitted (variables, uint8 images) -> fc7 averaged over the map (and with the flipped image's)."""
-  def descriptor(variables, images):
-    x = normalize(images, norm)
-    d = jnp.mean(model.apply(variables, x, method='fc7_map'), axis=(1, 2))
-    if not flip:
-      return d
-    flipped = jnp.mean(model.apply(variables, x[:, :, ::-1], method='fc7_map'), axis=(1, 2))
-    return (d + flipped) / 2
-  return jax.jit(descriptor)
 
 
 def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[int] = PAPER_SCALES,
@@ -66,24 +53,16 @@ def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[
   scales = [int(q) for q in scales]
   if not scales or min(scales) < model.image_size:
     raise ValueError(f'scales {scales} must be given and at least the training size {model.image_size}')
-  fn = _descriptor_fn(model, checkpoints.normalization_from_meta(meta), flip)
-  variables = jax.device_put(variables)
+  fn = descriptor_fn(model, checkpoints.normalization_from_meta(meta), flip)
   images = list(images)
-  bar = progress_bar(len(images) * len(scales), 'features', progress)
-  per_scale = [[] for _ in scales]
-  # Images are decoded once per chunk, so a large folder is never held in memory at once.
-  chunk = max(batch_size * 16, 64)
-  for start in range(0, len(images), chunk):
-    decoded = [as_image(im) for im in images[start:start + chunk]]
-    for s, q in enumerate(scales):
-      resized = [resize_smaller_side(im, q) for im in decoded]
-      per_scale[s] += apply_batched(fn, variables, resized, batch_size, bar)
-  if bar is not None:
-    bar.close()
+  # Images are decoded a chunk at a time, so a large folder is never held in memory at once.
+  settings = ImageSettings(scales=tuple(scales), style='torchvision', batch_size=batch_size,
+                           progress=progress, desc='features')
+  per_scale = ImageEvaluator(fn, settings).run(variables, images)
   if not images:
     width = np.shape(variables['params']['fc7']['kernel'])[-1]
     return np.zeros((0, width * (len(scales) if combine == 'stack' else 1)), np.float32)
-  stacked = [np.stack(d).astype(np.float64) for d in per_scale]
+  stacked = [d.astype(np.float64) for d in per_scale]
   feats = np.mean(stacked, axis=0) if combine == 'average' else np.concatenate(stacked, axis=1)
   norms = np.linalg.norm(feats, axis=1, keepdims=True)
   return (feats / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax import boxes as boxes_lib
-from vggjax import checkpoints, cli, localization_model
+from vggjax import checkpoints, cli, localization_model, runlog
 from vggjax.data import boxes_source, transforms
-from vggjax.preprocessing import normalize
+from vggjax.evaluation import inference
 
 log = logging.getLogger('vggjax')
 PROTOCOLS = ('crop', 'dense')
@@ -53,7 +53,7 @@ class _Net:
     variables = jax.device_put(variables)
 
     def fn(x):
-      return model.apply(variables, normalize(x, norm), train=False, method=method)
+      return inference.logits(model, variables, x, norm, method=method)
 
     self._fn = jax.jit(fn)
     self.image_size = model.image_size
@@ -162,9 +162,9 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
         pred[i] = [pick(c) for c in guesses[i]]
         true_class[i, 0] = pick(labels[i])
     else:
+      bar = runlog.progress_bar(n, 'localize (dense)', unit='img', enabled=progress)
       for i in range(n):
-        if progress and i % 100 == 0:
-          log.info('dense: image %d of %d', i, n)
+        bar.update(1)
         x = images[i][None]
         score_map = nets['cls_map'](x)[0]  # (h, w, classes)
         box_map = nets['loc_map'](x)[0]  # (h', w', 4 or 4 x classes)
@@ -182,6 +182,7 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
 
         pred[i] = [merged(int(c)) for c in guesses[i]]
         true_class[i, 0] = merged(labels[i])
+      bar.close()
     truth = np.array(labels)[:, None]
     row = {
         'top1_error': boxes_lib.localization_error(guesses, pred, labels, gts, k=1),

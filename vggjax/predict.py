@@ -13,117 +13,25 @@ Protocols (paper section 3.2):
 
 With several scales (``--scales=256,384,512``) the posteriors of all scales are averaged. The images are
 normalised as the weights' metadata says (vggjax.json's normalization), so converted weights see exactly
-what their source framework fed them.
+what their source framework fed them; they are read upright (EXIF orientation) and rescaled and cropped in
+torchvision's style (``vggjax.data.transforms``, style='torchvision'). The classification runs through
+``vggjax.evaluation``'s ImageEvaluator and posterior function, as every evaluation in vggjax does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
-import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from vggjax import checkpoints, labels as labels_lib
-from vggjax.preprocessing import Normalization, normalize, single_test_scale
+from vggjax.data.transforms import list_images
+from vggjax.evaluation import ImageEvaluator, ImageSettings, posterior_fn
+from vggjax.preprocessing import single_test_scale
 
 PROTOCOLS = ('single', 'dense')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
-
-
-# ------------------------------------------------------------------------------------------------ images
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-  """An image file as uint8 RGB (H, W, 3), turned upright as its EXIF orientation says."""
-  from PIL import Image, ImageOps
-  with Image.open(path) as im:
-    return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
-
-
-def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
-  """Image files among ``paths``: files as given, folders searched recursively (sorted)."""
-  out = []
-  for p in paths:
-    p = pathlib.Path(p)
-    if p.is_dir():
-      out += sorted(str(f) for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    elif p.is_file():
-      out.append(str(p))
-    else:
-      raise FileNotFoundError(f'no image or folder {p}')
-  return out
-
-
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-  """(h, w) with the smaller side ``size`` and the aspect ratio kept (torchvision's Resize(size) rounding)."""
-  short, long = min(height, width), max(height, width)
-  long = int(size * long / short)
-  return (size, long) if height <= width else (long, size)
-
-
-def resize_smaller_side(image: np.ndarray, size: int) -> np.ndarray:
-  """Isotropic rescaling so that the smaller side is ``size`` (Pillow bilinear, antialiased when shrinking:
-  exactly what torchvision's Resize does to a PIL image)."""
-  from PIL import Image
-  h, w = resized_shape(image.shape[0], image.shape[1], size)
-  if (h, w) == image.shape[:2]:
-    return np.asarray(image)
-  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((w, h), Image.BILINEAR))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central size x size crop (torchvision's CenterCrop offsets)."""
-  h, w = image.shape[:2]
-  if min(h, w) < size:
-    raise ValueError(f'cannot crop {size}x{size} from a {h}x{w} image')
-  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-  return image[top:top + size, left:left + size]
-
-
-def as_image(image: Any) -> np.ndarray:
-  """A uint8 RGB array from an array or an image path."""
-  if isinstance(image, (str, os.PathLike)):
-    return load_image(image)
-  image = np.asarray(image)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected an RGB image (H, W, 3), got shape {image.shape}')
-  return image
-
-
-# ------------------------------------------------------------------------------------------------ batching
-
-def apply_batched(fn: Callable, variables: Any, images: Sequence[np.ndarray], batch_size: int,
-                  progress: Any = None) -> list[np.ndarray]:
-  """fn(variables, batch) over images, batching images of equal shape together; results in input order.
-  ``progress``: a tqdm-like bar advanced by one per image, or None."""
-  groups: dict[tuple, list[int]] = {}
-  for i, im in enumerate(images):
-    groups.setdefault(im.shape, []).append(i)
-  out: list = [None] * len(images)
-  for indices in groups.values():
-    for start in range(0, len(indices), batch_size):
-      chunk = indices[start:start + batch_size]
-      result = np.asarray(fn(variables, np.stack([images[i] for i in chunk])))
-      for i, r in zip(chunk, result):
-        out[i] = r
-      if progress is not None:
-        progress.update(len(chunk))
-  return out
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True):
-  """A tqdm bar on stderr (None when disabled or tqdm is missing)."""
-  if not enabled:
-    return None
-  try:
-    from tqdm import tqdm
-  except ImportError:
-    return None
-  return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -135,16 +43,6 @@ def default_scale(meta: dict) -> int:
   if data.get('scale_min') and data.get('scale_max'):
     return single_test_scale(data['scale_min'], data['scale_max'])
   return int(round(meta['model']['image_size'] * 256 / 224))
-
-
-def _probabilities_fn(model, norm: Normalization, flip: bool) -> Callable:
-  def probabilities(variables, images):
-    x = normalize(images, norm)
-    p = jax.nn.softmax(model.apply(variables, x))
-    if flip:
-      p = (p + jax.nn.softmax(model.apply(variables, x[:, :, ::-1]))) / 2
-    return p
-  return jax.jit(probabilities)
 
 
 def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str = 'single',
@@ -165,18 +63,15 @@ def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str 
   scales = [int(q) for q in (scales or [default_scale(meta)])]
   if min(scales) < size:
     raise ValueError(f'scales {scales} must be at least the training size {size}')
-  fn = _probabilities_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
-  variables = jax.device_put(variables)
-  images = [as_image(im) for im in images]
-  bar = progress_bar(len(images) * len(scales), 'predict', progress)
+  images = list(images)
+  fn = posterior_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
+  settings = ImageSettings(scales=tuple(scales), crop=size if protocol == 'single' else None,
+                           style='torchvision', batch_size=batch_size, progress=progress, desc='predict')
+  per_scale = ImageEvaluator(fn, settings).run(variables, images)
   total = np.zeros((len(images), model.num_classes), np.float64)
-  for q in scales:
-    inputs = [resize_smaller_side(im, q) for im in images]
-    if protocol == 'single':
-      inputs = [center_crop(im, size) for im in inputs]
-    total += np.stack(apply_batched(fn, variables, inputs, batch_size, bar))
-  if bar is not None:
-    bar.close()
+  for rows in per_scale:
+    if rows is not None:
+      total += rows
   return (total / len(scales)).astype(np.float32)
 
 

@@ -119,14 +119,6 @@ def read_metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _fmt_time(seconds: float) -> str:
-  if not math.isfinite(seconds) or seconds < 0:
-    return '?'
-  seconds = int(seconds)
-  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
-
-
 def _notebook_kernel() -> bool:
   """Running in a Jupyter or Colab kernel (where an output can be redrawn in place: IPython displays)."""
   ipython = sys.modules.get('IPython')
@@ -134,43 +126,77 @@ def _notebook_kernel() -> bool:
   return getattr(shell, 'kernel', None) is not None
 
 
-class ProgressBar:
-  """A one-line progress bar: redrawn in place on a terminal (stderr) and in a notebook (one display, updated
-  in place, so log lines printed meanwhile do not break it up), a line per update otherwise (log files)."""
+class _DisplayLine:
+  """A file for tqdm in a notebook: one IPython display updated in place with the bar's latest line (log
+  lines printed meanwhile do not break it up; needs no widget library)."""
 
-  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None, width: int = 24):
-    self.total, self.start, self.enabled, self.width = total, start, enabled, width
-    self.stream = stream or sys.stderr
-    self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
-    self._display = None
-    if enabled and stream is None and _notebook_kernel():
-      from IPython.display import Pretty, display
-      self._pretty, self._display = Pretty, display(Pretty(''), display_id=True)
-    self.t0 = time.time()
+  def __init__(self):
+    from IPython.display import Pretty, display
+    self._pretty, self._display = Pretty, display(Pretty(''), display_id=True)
+
+  def write(self, text: str) -> None:
+    line = text.replace('\r', '').strip()
+    if line:
+      self._display.update(self._pretty(line))
+
+  def flush(self) -> None:
+    pass
+
+
+class _Lines:
+  """A file for tqdm in a log (not a terminal): each redraw becomes one line instead of a carriage return."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    line = text.replace('\r', '').rstrip()
+    if line:
+      self.stream.write(line + '\n')
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+BAR_FORMAT = '{desc}[{bar:24}] {n_fmt}/{total_fmt}{postfix} | {rate_fmt} | ETA {remaining}'
+
+
+def progress_bar(total: int, desc: str = '', *, unit: str = 'it', initial: int = 0, enabled: bool = True,
+                 stream=None):
+  """The progress bar of every long job (training, evaluate, predict, features, transfer): a tqdm bar,
+  redrawn in place on a terminal (stderr), one display updated in place in a notebook, and a line per
+  redraw (at most every few seconds) in a log file. Disabled: a bar that draws nothing."""
+  from tqdm import tqdm
+  kw = dict(total=total, initial=initial, unit=unit, bar_format=BAR_FORMAT, ascii='.#', dynamic_ncols=True,
+            desc=f'{desc} ' if desc else '')
+  if not enabled:
+    return tqdm(disable=True, **kw)
+  if stream is None and _notebook_kernel():
+    return tqdm(file=_DisplayLine(), **kw)
+  stream = stream or sys.stderr
+  if hasattr(stream, 'isatty') and stream.isatty():
+    return tqdm(file=stream, **kw)
+  return tqdm(file=_Lines(stream), mininterval=5.0, **kw)
+
+
+class ProgressBar:
+  """A progress bar set to an absolute position with named fields (training: the step, loss, lr; evaluate:
+  the batch, scale, images/s), drawn by ``progress_bar``'s tqdm bar."""
+
+  def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None, desc: str = '',
+               unit: str = 'step'):
+    self.enabled = enabled
+    self._bar = progress_bar(total, desc, unit=unit, initial=start, enabled=enabled, stream=stream)
 
   def update(self, step: int, **fields) -> None:
     if not self.enabled:
       return
-    frac = step / max(1, self.total)
-    done = int(self.width * frac)
-    rate = (step - self.start) / max(1e-9, time.time() - self.t0)
-    eta = (self.total - step) / rate if rate > 0 else float('nan')
     parts = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in fields.items()]
-    line = (f'[{"#" * done}{"." * (self.width - done)}] {step}/{self.total} ' + ' | '.join(parts) +
-            f' | ETA {_fmt_time(eta)}')
-    if self._display is not None:
-      self._display.update(self._pretty(line))
-      return
-    if self.tty:
-      self.stream.write('\r' + line[:200].ljust(120))
-    else:
-      self.stream.write(line + '\n')
-    self.stream.flush()
+    self._bar.set_postfix_str(' | '.join(parts), refresh=False)
+    self._bar.update(step - self._bar.n)
 
   def close(self) -> None:
-    if self.enabled and self.tty:
-      self.stream.write('\n')
-      self.stream.flush()
+    self._bar.close()
 
 
 def plot_curves(workdir, rows: Iterable[dict] | None = None) -> epath.Path | None:

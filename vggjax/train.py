@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, models, optim, parallel, preemption
 from vggjax import runlog as vlog
+from vggjax.evaluation import inference
+from vggjax.evaluation.evaluators import EvalInterrupted, ValidationEvaluator  # noqa: F401 - train's names
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
 
 if TYPE_CHECKING:  # configs are ml_collections ConfigDicts; the step functions need no ml_collections
@@ -255,7 +257,7 @@ def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization(
   k = min(5, model.num_classes)
 
   def eval_fn(variables, batch):
-    logits = model.apply(variables, normalize(batch['image'], norm), train=False)
+    logits = inference.logits(model, variables, batch['image'], norm)
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
     topk = jax.lax.top_k(logits, k)[1]
     hits = topk == labels[:, None]
@@ -282,27 +284,12 @@ def _make_box_eval_step(model: models.VGG, mesh, norm: Normalization, head: str)
   return jax.jit(eval_fn, out_shardings=parallel.replicated(mesh))
 
 
-class EvalInterrupted(Exception):
-  """A preemption notice arrived during an evaluation pass (evaluate's `stop`)."""
-
-
 def evaluate(eval_step: Callable, variables: dict, batches, mesh,
              stop: Callable[[], bool] | None = None) -> dict:
-  """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped).
-  `stop` is polled before each batch (host-only, no device wait): True raises EvalInterrupted."""
-  total = None
-  for batch in batches:
-    if stop is not None and stop():
-      raise EvalInterrupted()
-    sums = eval_step(variables, parallel.global_batch(batch, mesh))
-    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-  if total is None:
-    raise ValueError('the evaluation split is empty')
-  total = parallel.to_host(total)
-  n = float(total['count'])
-  return {'val_top1': float(total['top1']) / n, 'val_top5': float(total['top5']) / n,
-          'val_loss': float(total['loss']) / n, 'val_count': int(n),
-          **{f'val_{k}': float(v) / n for k, v in total.items() if k not in ('top1', 'top5', 'loss', 'count')}}
+  """Top-1/top-5 accuracy and loss over every example of a split (padding masked, never dropped): the
+  ValidationEvaluator of `eval_step` over `batches`. `stop` is polled before each batch (host-only, no device
+  wait): True raises EvalInterrupted."""
+  return ValidationEvaluator(eval_step, mesh, lambda: batches).run(variables, stop=stop)
 
 
 def parse_init_layers(spec) -> str | tuple[str, ...]:
@@ -555,12 +542,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     return {'schedule': schedule.state_dict(), 'evals': history, 'epoch': step / steps_per_epoch,
             'pending_eval': pending_eval}
 
+  validation = ValidationEvaluator(
+      eval_step, mesh, lambda: pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
+                                                      process_index=jax.process_index(),
+                                                      process_count=jax.process_count()))
+
   def run_eval(step: int) -> dict:
-    variables = state.variables
-    batches = pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
     log.info('step %d: evaluating on %s', step, config.data.eval_split)
-    result = evaluate(eval_step, variables, batches, mesh, stop=stop.in_eval)
+    result = validation.run(state.variables, stop=stop.in_eval)
     reduced = schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
     history.append(row)

@@ -446,13 +446,15 @@ _JITTED: dict = {}
 
 
 def _descriptor_fn(meta: Mapping, flip: bool) -> Callable:
-  """vggjax.features' jitted descriptor function, one per architecture, normalisation and flip setting (so
-  the nets, splits and scales of a run share its compiled shapes)."""
-  from vggjax import checkpoints, features
+  """The jitted descriptor function (vggjax.evaluation.descriptor_fn, what vggjax.features uses), one per
+  architecture, normalisation and flip setting (so the nets, splits and scales of a run share its compiled
+  shapes)."""
+  from vggjax import checkpoints
+  from vggjax.evaluation import descriptor_fn
   key = ('fc7', json.dumps([meta['model'], meta.get('normalization')], sort_keys=True, default=str), flip)
   if key not in _JITTED:
-    _JITTED[key] = features._descriptor_fn(  # noqa: SLF001
-        checkpoints.model_from_meta(meta), checkpoints.normalization_from_meta(meta), flip)
+    _JITTED[key] = descriptor_fn(checkpoints.model_from_meta(meta), checkpoints.normalization_from_meta(meta),
+                                 flip)
   return _JITTED[key]
 
 
@@ -463,8 +465,8 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
   map (and with the flipped image's), unnormalised; rows of unreadable images are NaN. Returns (list over
   scales, valid mask (N,)). Cached chunks and finished scales are reused."""
   import jax
-  from vggjax import checkpoints
-  from vggjax.predict import apply_batched, progress_bar, resize_smaller_side
+  from vggjax import checkpoints, runlog
+  from vggjax.evaluation import ImageEvaluator, ImageSettings
   cache = cache or DescriptorCache(None)
   model = checkpoints.model_from_meta(net.meta)
   scales = [int(q) for q in scales]
@@ -478,10 +480,12 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
   width = int(np.shape(net.variables['params']['fc7']['kernel'])[-1])
   todo = [q for q in scales if done[q] is None]
   if todo:
-    fn = _descriptor_fn(net.meta, flip)
+    evaluator = ImageEvaluator(_descriptor_fn(net.meta, flip),
+                               ImageSettings(scales=tuple(todo), style='torchvision', batch_size=batch_size))
     variables = jax.device_put(net.variables)
     parts: dict[int, list[np.ndarray]] = {q: [] for q in todo}
-    bar = progress_bar(n * len(todo), f'descriptors {net.label} {examples.name}', progress)
+    bar = runlog.progress_bar(n * len(todo), f'descriptors {net.label} {examples.name}', unit='img',
+                              enabled=progress)
     for start in range(0, n, CHUNK):
       stop = min(start + CHUNK, n)
       missing = []
@@ -490,8 +494,7 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
           cached = cache.chunk(k, start)
           if cached is not None:
             parts[q].append(cached)
-            if bar is not None:
-              bar.update(stop - start)
+            bar.update(stop - start)
           else:
             missing.append((q, k))
       if not missing:
@@ -505,19 +508,17 @@ def scale_descriptors(net: Net, examples: Examples, scales: Sequence[int], *, fl
           log.warning('unreadable image %s (%s: %s): left out', examples.describe(i), type(e).__name__, e)
           images.append(None)
           ok.append(False)
+      good = [im for im, readable in zip(images, ok) if readable]
       for q, k in missing:
-        resized = [resize_smaller_side(im, q) for im, good in zip(images, ok) if good]
         values = np.full((stop - start, width), np.nan, np.float32)
-        if resized:
-          values[np.asarray(ok)] = np.stack(apply_batched(fn, variables, resized, batch_size, bar))
-        if bar is not None:
-          bar.update(len(ok) - int(sum(ok)))
+        if good:
+          values[np.asarray(ok)] = np.stack(evaluator.at_scale(variables, good, q, bar))
+        bar.update(len(ok) - int(sum(ok)))
         cache.computed_images += stop - start
         cache.save_chunk(k, start, values, {'net': net.path, 'fingerprint': net.fingerprint,
                                             'split': examples.name, 'scale': q, 'flip': flip, 'images': n})
         parts[q].append(values)
-    if bar is not None:
-      bar.close()
+    bar.close()
     for q, k in zip(scales, keys):
       if q in parts:
         done[q] = np.concatenate(parts[q]) if parts[q] else np.zeros((0, width), np.float32)
@@ -569,25 +570,24 @@ def net_posteriors(net: Net, examples: Examples, indices: Sequence[int], scales:
   """The net's own classifier on images of a split: dense softmax posteriors (N, classes) averaged over the
   image and its flip and over scales (paper 3.2)."""
   import jax
-  from vggjax import checkpoints
-  from vggjax.predict import _probabilities_fn, apply_batched, progress_bar, resize_smaller_side
+  from vggjax import checkpoints, runlog
+  from vggjax.evaluation import ImageEvaluator, ImageSettings, posterior_fn
   model = checkpoints.model_from_meta(net.meta)
   key = ('posteriors', json.dumps([net.meta['model'], net.meta.get('normalization')], sort_keys=True,
                                   default=str), flip)
   if key not in _JITTED:
-    _JITTED[key] = _probabilities_fn(model, checkpoints.normalization_from_meta(net.meta), flip)
-  fn = _JITTED[key]
+    _JITTED[key] = posterior_fn(model, checkpoints.normalization_from_meta(net.meta), flip)
+  evaluator = ImageEvaluator(_JITTED[key], ImageSettings(scales=tuple(int(q) for q in scales),
+                                                         style='torchvision', batch_size=batch_size))
   variables = jax.device_put(net.variables)
   indices = list(indices)
   total = np.zeros((len(indices), model.num_classes), np.float64)
-  bar = progress_bar(len(indices) * len(scales), f'classify {net.label}', progress)
+  bar = runlog.progress_bar(len(indices) * len(scales), f'classify {net.label}', unit='img', enabled=progress)
   for start in range(0, len(indices), CHUNK):
     chunk = [examples.image(i) for i in indices[start:start + CHUNK]]
     for q in scales:
-      total[start:start + len(chunk)] += np.stack(apply_batched(
-          fn, variables, [resize_smaller_side(im, int(q)) for im in chunk], batch_size, bar))
-  if bar is not None:
-    bar.close()
+      total[start:start + len(chunk)] += np.stack(evaluator.at_scale(variables, chunk, int(q), bar))
+  bar.close()
   return (total / len(scales)).astype(np.float32)
 
 

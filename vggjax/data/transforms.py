@@ -1,9 +1,25 @@
-"""Host-side image transforms: decode, isotropic rescale, crops and flips (paper sections 3.1 and 3.2).
+"""The image conventions of vggjax, in one module: decode (EXIF orientation applied), isotropic rescale of
+the smaller side, crops and flips (paper sections 3.1 and 3.2). Training, validation, ``vggjax.evaluate``,
+``vggjax.predict``, ``vggjax.features``, transfer and localisation all read and rescale images here
+(docs/design.md, decision 30).
+It is a little over 400 lines on purpose: decoding, EXIF, geometry and the paper's transforms are one
+convention, and splitting them would bring back the two stacks this module replaced.
 
 Everything here works on uint8 RGB arrays (H, W, 3) and returns uint8: the cast, the mean subtraction and the
 PCA colour shift run on the device (``vggjax.preprocessing``, docs/design.md, decision 4).
 
-Semantics, exactly:
+Two styles of rescaling and cropping, chosen with ``style=``:
+
+* ``'caffe'`` (the default; training, validation, evaluate, localisation): OpenCV, as Caffe's data layer;
+* ``'torchvision'`` (predict, features, transfer): Pillow bilinear, antialiased when shrinking, the longer
+  side truncated (``int(L * s / min(H, W))``) and the central crop at ``round((H - size) / 2)``: exactly
+  torchvision's ``Resize(s)`` + ``CenterCrop(size)`` of a PIL image, what converted torchvision weights saw.
+
+EXIF orientation. A photo whose EXIF orientation tag says it was taken rotated or mirrored is turned upright
+when decoded (as Pillow's ``ImageOps.exif_transpose``), and ``dimensions`` reports the upright size: every
+path that decodes an image file (training, evaluation, predict, features) sees the same upright pixels.
+
+Semantics of the Caffe style, exactly:
 
 * ``rescale(image, s)``: isotropic; the smaller side becomes exactly ``s`` and the larger one
   ``floor(L * s / min(H, W) + 0.5)``. Interpolation: OpenCV bilinear (``INTER_LINEAR``, as Caffe's
@@ -29,6 +45,9 @@ Grayscale images are expanded to 3 channels, alpha is dropped, palette/CMYK imag
 from __future__ import annotations
 
 import io
+import os
+import pathlib
+from collections.abc import Iterable
 from typing import Union
 
 import cv2
@@ -38,6 +57,9 @@ from PIL import Image
 
 RngOrSeed = Union[np.random.Generator, int, tuple, list, None]
 ImageOrBytes = Union[np.ndarray, bytes]
+
+STYLES = ('caffe', 'torchvision')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
 _JPEG_SOI = b'\xff\xd8'
 
@@ -81,19 +103,94 @@ def is_jpeg(data: bytes) -> bool:
   return data[:2] == _JPEG_SOI
 
 
+# ----------------------------------------------------------------------------------------------------------
+# EXIF orientation.
+
+_ORIENTATION_TAG = 0x0112
+
+
+def jpeg_orientation(data: bytes) -> int:
+  """The EXIF orientation (1-8; 1 = upright, also when there is no tag) of JPEG bytes, from the APP1 segment
+  before the image data (a few hundred bytes read; malformed EXIF counts as upright)."""
+  pos, n = 2, len(data)
+  try:
+    while pos + 4 <= n and data[pos] == 0xFF:
+      marker = data[pos + 1]
+      if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+        pos += 2
+        continue
+      if marker == 0xFF:  # fill byte
+        pos += 1
+        continue
+      if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF after this
+        return 1
+      length = int.from_bytes(data[pos + 2:pos + 4], 'big')
+      if marker == 0xE1 and data[pos + 4:pos + 10] == b'Exif\x00\x00':
+        return _tiff_orientation(data[pos + 10:pos + 2 + length])
+      pos += 2 + length
+  except (IndexError, ValueError):
+    pass
+  return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+  order = {b'II': 'little', b'MM': 'big'}.get(tiff[:2])
+  if order is None:
+    return 1
+  u16 = lambda b: int.from_bytes(b, order)  # noqa: E731
+  ifd = int.from_bytes(tiff[4:8], order)
+  count = u16(tiff[ifd:ifd + 2])
+  for k in range(count):
+    entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+    if len(entry) < 12:
+      break
+    if u16(entry[:2]) == _ORIENTATION_TAG:
+      value = u16(entry[8:10])
+      return value if 1 <= value <= 8 else 1
+  return 1
+
+
+def _pillow_orientation(im) -> int:
+  try:
+    value = int(im.getexif().get(_ORIENTATION_TAG, 1))
+  except Exception:  # noqa: BLE001 - malformed EXIF: upright
+    return 1
+  return value if 1 <= value <= 8 else 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+  """The upright image of one stored with EXIF `orientation` (1-8), as Pillow's ImageOps.exif_transpose."""
+  if orientation == 2:
+    return image[:, ::-1]
+  if orientation == 3:
+    return image[::-1, ::-1]
+  if orientation == 4:
+    return image[::-1]
+  if orientation == 5:  # transpose
+    return np.swapaxes(image, 0, 1)
+  if orientation == 6:  # rotate 90 degrees clockwise
+    return np.swapaxes(image, 0, 1)[:, ::-1]
+  if orientation == 7:  # transverse
+    return np.swapaxes(image, 0, 1)[::-1, ::-1]
+  if orientation == 8:  # rotate 90 degrees counter-clockwise
+    return np.swapaxes(image, 0, 1)[::-1]
+  return image
+
+
 def dimensions(data: ImageOrBytes) -> tuple[int, int]:
-  """(height, width) of an array or of encoded bytes (from the header only, where the format allows)."""
+  """(height, width) of an array or of encoded bytes, upright (EXIF orientation applied), from the header
+  only where the format allows."""
   if isinstance(data, np.ndarray):
     return data.shape[0], data.shape[1]
   if is_jpeg(data):
     try:
       h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-      return h, w
+      return (w, h) if jpeg_orientation(data) >= 5 else (h, w)
     except ValueError:
       pass
   try:
     with Image.open(io.BytesIO(data)) as im:
-      return im.height, im.width
+      return (im.width, im.height) if _pillow_orientation(im) >= 5 else (im.height, im.width)
   except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad data
     raise DecodeError(f'not a readable image: {e}') from e
 
@@ -106,6 +203,7 @@ def _decode_pillow(data: bytes, min_side: int = 0) -> np.ndarray:
         scale = min(im.width, im.height) / min_side
         if scale >= 2:
           im.draft('RGB', (int(np.ceil(im.width / scale)), int(np.ceil(im.height / scale))))
+      orientation = _pillow_orientation(im)
       if im.mode not in ('RGB', 'L'):
         im = im.convert('RGBA' if 'A' in im.mode or im.mode == 'P' else 'RGB')
       image = np.asarray(im)
@@ -114,11 +212,16 @@ def _decode_pillow(data: bytes, min_side: int = 0) -> np.ndarray:
   if image.dtype != np.uint8:  # 16-bit or float images (rare): scale to 0-255
     image = np.clip(image.astype(np.float64) / max(1.0, float(image.max())) * 255.0, 0, 255)
     image = image.round().astype(np.uint8)
-  return to_rgb(image)
+  return _upright(to_rgb(image), orientation)
+
+
+def _upright(image: np.ndarray, orientation: int) -> np.ndarray:
+  return image if orientation == 1 else np.ascontiguousarray(orient(image, orientation))
 
 
 def decode(data: bytes, min_side: int = 0) -> np.ndarray:
-  """Encoded bytes to uint8 RGB (H, W, 3). Raises DecodeError for corrupt, truncated or unknown data.
+  """Encoded bytes to upright uint8 RGB (H, W, 3) (EXIF orientation applied). Raises DecodeError for corrupt,
+  truncated or unknown data.
 
   min_side > 0 allows DCT-domain scaling of a JPEG to 1/2, 1/4 or 1/8 size as long as the smaller side stays
   >= min_side (see the module docstring); 0 decodes at full size.
@@ -134,7 +237,8 @@ def decode(data: bytes, min_side: int = 0) -> np.ndarray:
         factor = _dct_factor(min(h, w), min_side)
         if factor > 1:
           kwargs = dict(min_height=-(-h // factor), min_width=-(-w // factor))
-      return simplejpeg.decode_jpeg(data, colorspace='RGB', strict=True, **kwargs)
+      image = simplejpeg.decode_jpeg(data, colorspace='RGB', strict=True, **kwargs)
+      return _upright(image, jpeg_orientation(data))
     except ValueError:
       pass  # CMYK, progressive oddities, truncated data: Pillow decides (and raises for real corruption)
   return _decode_pillow(data, min_side)
@@ -156,34 +260,83 @@ def load(data: ImageOrBytes, min_side: int = 0, dct_scaling: bool = True) -> np.
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Image files.
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+  """An image file as upright uint8 RGB (H, W, 3) (its EXIF orientation applied)."""
+  with open(path, 'rb') as f:
+    return decode(f.read())
+
+
+def as_image(image) -> np.ndarray:
+  """A uint8 RGB array (H, W, 3) from an array or an image file's path."""
+  if isinstance(image, (str, os.PathLike)):
+    return load_image(image)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an RGB image (H, W, 3), got shape {image.shape}')
+  return image
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
+  """Image files among ``paths``: files as given, folders searched recursively (sorted)."""
+  out = []
+  for p in paths:
+    p = pathlib.Path(p)
+    if p.is_dir():
+      out += sorted(str(f) for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+      out.append(str(p))
+    else:
+      raise FileNotFoundError(f'no image or folder {p}')
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Geometry.
 
 
-def rescaled_size(height: int, width: int, smaller_side: int) -> tuple[int, int]:
-  """(height, width) after an isotropic rescale that makes the smaller side `smaller_side`."""
+def check_style(style: str) -> None:
+  if style not in STYLES:
+    raise ValueError(f'unknown image style {style!r}; valid: {", ".join(STYLES)}')
+
+
+def rescaled_size(height: int, width: int, smaller_side: int, style: str = 'caffe') -> tuple[int, int]:
+  """(height, width) after an isotropic rescale that makes the smaller side `smaller_side`: the longer side
+  rounded (caffe) or truncated as torchvision's Resize does (torchvision)."""
+  check_style(style)
   m = min(height, width)
+  if style == 'torchvision':
+    long = int(smaller_side * max(height, width) / m)
+    return (smaller_side, long) if height <= width else (long, smaller_side)
   if height <= width:
     return smaller_side, max(smaller_side, int(width * smaller_side / m + 0.5))
   return max(smaller_side, int(height * smaller_side / m + 0.5)), smaller_side
 
 
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """uint8 (H, W, 3) to (height, width, 3): bilinear, or pixel-area averaging when shrinking by 2x or more."""
+def resize(image: np.ndarray, height: int, width: int, style: str = 'caffe') -> np.ndarray:
+  """uint8 (H, W, 3) to (height, width, 3). caffe: OpenCV bilinear, or pixel-area averaging when shrinking by
+  2x or more; torchvision: Pillow bilinear (antialiased when shrinking, as torchvision's Resize of a PIL
+  image)."""
+  check_style(style)
   h, w = image.shape[:2]
   if (h, w) == (height, width):
     return image
+  if style == 'torchvision':
+    return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((width, height), Image.BILINEAR))
   shrink = min(h / height, w / width)
   interp = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR
   out = cv2.resize(image, (width, height), interpolation=interp)
   return out if out.ndim == 3 else out[:, :, None]
 
 
-def rescale(image: np.ndarray, smaller_side: int) -> np.ndarray:
+def rescale(image: np.ndarray, smaller_side: int, style: str = 'caffe') -> np.ndarray:
   """Isotropic rescale of a uint8 RGB image so that its smaller side is `smaller_side`."""
   if smaller_side < 1:
     raise ValueError(f'smaller_side must be positive, got {smaller_side}')
   h, w = image.shape[:2]
-  return resize(image, *rescaled_size(h, w, smaller_side))
+  return resize(image, *rescaled_size(h, w, smaller_side, style), style=style)
 
 
 def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
@@ -193,11 +346,15 @@ def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central size x size crop (top = (H - size) // 2, left = (W - size) // 2)."""
+def center_crop(image: np.ndarray, size: int, style: str = 'caffe') -> np.ndarray:
+  """The central size x size crop: top = (H - size) // 2, left = (W - size) // 2 (caffe), or
+  round((H - size) / 2) and round((W - size) / 2) (torchvision's CenterCrop)."""
+  check_style(style)
   h, w = image.shape[:2]
   if min(h, w) < size:
     raise ValueError(f'cannot take a {size}x{size} crop of a {h}x{w} image')
+  if style == 'torchvision':
+    return crop(image, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)
   return crop(image, (h - size) // 2, (w - size) // 2, size)
 
 
