@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -29,6 +29,8 @@ from vggjax.preprocessing import Normalization
 META_FILE = 'vggjax.json'
 CHECKPOINT_DIR = 'checkpoints'
 MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
+# The items of a training checkpoint step directory (WORKDIR/checkpoints/<step>/<item>).
+STATE_ITEM, DATA_ITEM, HOST_ITEM = 'state', 'data', 'host'
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -129,8 +131,80 @@ def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('pa
   want = {c: shapes[c] for c in collections if c in shapes}
   as_numpy = lambda t: jax.tree_util.tree_map(  # noqa: E731
       lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), t)
-  source = directory / 'variables' if kind == 'weights' else directory / CHECKPOINT_DIR / str(step) / 'state'
+  source = (directory / 'variables' if kind == 'weights' else
+            directory / CHECKPOINT_DIR / str(step) / STATE_ITEM)
   restored = ocp.PyTreeCheckpointer().restore(source, args=ocp.args.PyTreeRestore(
       item=want, restore_args=as_numpy(want), partial_restore=True))
   logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
   return dict(restored), meta
+
+
+class _IteratorState:
+  """Adapts the input iterator to Grain's Orbax handler (one JSON file per process in each checkpoint)."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    state = self.iterator.get_state()
+    return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    try:
+      self.iterator.set_state(state)
+    except (TypeError, ValueError, AttributeError):
+      self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class TrainCheckpointer:
+  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+    self._ocp, self._grain = ocp, grain.checkpoint
+    directory = absolute(workdir) / CHECKPOINT_DIR
+    self.manager = ocp.CheckpointManager(
+        directory,
+        # A step directory is written under a temporary name and renamed when complete: a run killed
+        # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True, cleanup_tmp_directories=True),
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler(), HOST_ITEM: ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, iterator, host: dict) -> None:
+    ocp = self._ocp
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: self._grain.CheckpointSave(_IteratorState(iterator)), HOST_ITEM: ocp.args.JsonSave(host)}),
+        force=True)
+
+  def restore(self, step: int, abstract_state, iterator) -> tuple[Any, dict]:
+    ocp = self._ocp
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        DATA_ITEM: self._grain.CheckpointRestore(_IteratorState(iterator)), HOST_ITEM: ocp.args.JsonRestore()}))
+    return restored[STATE_ITEM], dict(restored[HOST_ITEM])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def resave(self, step: int, state, iterator, host: dict) -> None:
+    """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
+    self.manager.wait_until_finished()
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
+    self.save(step, state, iterator, host)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

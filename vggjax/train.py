@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import signal
 import threading
@@ -412,76 +411,6 @@ def warn_deep_from_scratch(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-class _IteratorState:
-  """Adapts the input iterator to Grain's Orbax handler (one JSON file per process in each checkpoint)."""
-
-  def __init__(self, iterator):
-    self.iterator = iterator
-
-  def get_state(self) -> bytes:
-    state = self.iterator.get_state()
-    return state if isinstance(state, bytes) else json.dumps(state).encode()
-
-  def set_state(self, state: bytes) -> None:
-    try:
-      self.iterator.set_state(state)
-    except (TypeError, ValueError, AttributeError):
-      self.iterator.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-class TrainCheckpointer:
-  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
-
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    import grain.checkpoint
-    import orbax.checkpoint as ocp
-    self._ocp, self._grain = ocp, grain.checkpoint
-    directory = checkpoints.absolute(workdir) / checkpoints.CHECKPOINT_DIR
-    self.manager = ocp.CheckpointManager(
-        directory,
-        # A step directory is written under a temporary name and renamed when complete: a run killed
-        # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True, cleanup_tmp_directories=True),
-        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
-                       'host': ocp.JsonCheckpointHandler()})
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: TrainState, iterator, host: dict) -> None:
-    ocp = self._ocp
-    if step in self.manager.all_steps():
-      return
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=self._grain.CheckpointSave(_IteratorState(iterator)),
-        host=ocp.args.JsonSave(host)), force=True)
-
-  def restore(self, step: int, abstract_state: TrainState, iterator) -> tuple[TrainState, dict]:
-    ocp = self._ocp
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=self._grain.CheckpointRestore(_IteratorState(iterator)), host=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['host'])
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def resave(self, step: int, state: TrainState, iterator, host: dict) -> None:
-    """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
-    self.manager.wait_until_finished()
-    if step in self.manager.all_steps():
-      self.manager.delete(step)
-    self.save(step, state, iterator, host)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
 class _StopRequest:
   """A preemption notice (SIGTERM): the loop finishes the step, checkpoints and exits 0. Polled on the host
   only, after every step (`requested(step)`) and, on one process, before every evaluation batch (`in_eval`).
@@ -573,7 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   eval_step = make_eval_step(eval_model, mesh, norm, head=config.model.get('head', 'classify'))
   it = pipeline.train_iterator(config.data, global_batch_size=t.global_batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-  ckpt = TrainCheckpointer(workdir, keep=t.keep_checkpoints)
+  ckpt = checkpoints.TrainCheckpointer(workdir, keep=t.keep_checkpoints)
   writer = vlog.MetricWriter(workdir, enabled=is_main)
   start = ckpt.latest_step()
   history: list[dict] = []
