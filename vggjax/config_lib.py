@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from vggjax import models, optim
+from vggjax import cli, models, optim
 from vggjax.data.pipeline import eval_scale  # noqa: F401  (one definition: the data layer's)
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
@@ -18,8 +18,8 @@ DTYPES = ('float32', 'bfloat16')
 NAN_POLICIES = ('stop', 'skip')
 
 
-class ConfigError(ValueError):
-  """A config field has a bad value."""
+class ConfigError(cli.CommandError):
+  """A config field has a bad value (a command reports it in one line and exits 2)."""
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:

@@ -59,19 +59,27 @@ def detect_cluster() -> str | None:
   return None
 
 
+_JOINED = []  # set once jax.distributed.initialize has run in this process
+
+
 def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> bool:
-  """Joins the processes of a multi-process run; returns True if it did. Call before any device query."""
+  """Joins the processes of a multi-process run; returns True if it did (now or in an earlier call: a second
+  call does nothing). Call before any device query."""
+  if _JOINED:
+    return True
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 1 and 0 <= process_id < num_processes):
       raise ValueError(
           'a multi-process run needs --coordinator_address=HOST:PORT, --num_processes=N (>1) and '
           f'--process_id in [0, N); got {coordinator_address!r}, {num_processes}, {process_id}')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    _JOINED.append(True)
     return True
   cluster = detect_cluster()
   if cluster:
     logging.info('detected a %s cluster: joining with jax.distributed.initialize()', cluster)
     jax.distributed.initialize()
+    _JOINED.append(True)
     return True
   return False
 
