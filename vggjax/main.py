@@ -59,6 +59,9 @@ def main(argv, flag_holders) -> None:
   if jax.process_index() == 0:
     m = result.metrics
     summary = (f'val top-1 {m["val_top1"]:.4f}, top-5 {m["val_top5"]:.4f}' if m else 'no evaluation')
+    if result.skipped_images:
+      summary += (f'; {result.skipped_images} unreadable training images skipped (each replaced by the next '
+                  f'readable one; metrics.jsonl: skipped_images)')
     print(f'{"preempted" if result.preempted else "done"} at step {result.step} (epoch {result.epoch:.2f}): '
           f'{summary}; run directory {checkpoints.absolute(f["workdir"])}', flush=True)
 

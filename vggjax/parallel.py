@@ -115,6 +115,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def sum_over_processes(count: int) -> int:
+  """The sum of an integer over all processes (each must call it at the same point); itself on one."""
+  if jax.process_count() == 1:
+    return int(count)
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
 def to_host(tree: Any) -> Any:
   """Fully replicated (or fully addressable) arrays to numpy on every process."""
   return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)

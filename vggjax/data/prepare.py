@@ -76,15 +76,18 @@ def pca_flags(stats: dict) -> str:
   return f'--config.data.pca_eigval="{val}" --config.data.pca_eigvec="{vec}"'
 
 
-def compute_stats(data_cfg, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
-  """The training-set statistics described in the module docstring, as a JSON-able dict."""
+def compute_stats(data, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
+  """The training-set statistics described in the module docstring, as a JSON-able dict (data: the
+  settings.DataSettings, or a config's data block)."""
   from vggjax.data import pipeline, transforms
-  source = pipeline.open_source(data_cfg, split or data_cfg.train_split)
+  from vggjax.settings import data_settings
+  data = data_settings(data)
+  source = pipeline.open_source(data, split or data.train_split)
   n = len(source)
   indices = np.arange(n)
   if 0 < num_images < n:
     indices = np.sort(np.random.default_rng(0).choice(n, num_images, replace=False))
-  size, scale = int(data_cfg.image_size), int(data_cfg.scale_min)
+  size, scale = data.image_size, data.scale_min
   chunks = np.array_split(indices, max(1, num_threads))
   bad: list[str] = []
 
