@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Sweeps: a grid or a list of config overrides becomes one training run per point, each in its own workdir.
 
+Why one file of about 500 lines: the launch/ scripts run as files from a checkout (on a login node, without
+installing anything); paper.py imports this one for its run status, overrides and files.
+
     python launch/sweep.py run --root=runs/lr --config=configs/demo.py \\
         --grid optimizer.lr=0.005,0.01,0.02 model.name=vgg11,vgg13 --set train.num_epochs=5
     python launch/sweep.py run --root=runs/lr --points=points.txt      # one override set per line
@@ -432,7 +435,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='sweep.py', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split('\n\n', 2)[2])
+                              epilog=__doc__.split('\n\n', 3)[3])  # after the note on the file's size
   sub = p.add_subparsers(dest='command', required=True)
   r = sub.add_parser('run', help='run (or submit) every point of a sweep')
   r.add_argument('--root', required=True, help='the sweep directory: one workdir per point under it')

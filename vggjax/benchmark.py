@@ -1,5 +1,8 @@
 """How fast the framework trains and evaluates, against the device's limit: images/s, achieved TFLOP/s, MFU.
 
+Why one module of about 650 lines: the timing method, the FLOP count, the peak table, the memory search and
+the command are one measurement; benchmarks/torch_reference.py imports its parts to time PyTorch the same way.
+
     python -m vggjax.benchmark --model=vgg16 --batch=256 --image_size=224 --dtype=bfloat16 --json
     python -m vggjax.benchmark --model=vgg16 --batch=128,256 --dtype=bfloat16 --remat
     python -m vggjax.benchmark --model=vgg16 --dtype=bfloat16 --max_batch          # largest batch that fits

@@ -1,5 +1,9 @@
 """Training: the train state, the jitted data-parallel train and eval steps, and the loop.
 
+Why one module of about 650 lines: the train state, the step functions and the loop share the state's
+sharding and the fault bookkeeping, and notebooks import them from one place; checkpointing (checkpoints.py),
+the data (data/), the settings (settings.py) and the run directory (rundir.py) live apart.
+
 Plain functions a notebook can import (create_train_state, make_train_step, make_eval_step, evaluate,
 train_and_evaluate); main.py only parses flags and calls train_and_evaluate.
 

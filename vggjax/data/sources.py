@@ -1,5 +1,8 @@
 """Random-access image sources: TFDS (array_record), a local image folder, and real datasets held in memory.
 
+Why one module of about 400 lines: every source implements the same small interface below, and the
+split-name rules are shared by all of them.
+
 Every source has the same small interface:
 
 * ``len(source)``; ``source[i]`` -> ``{'image': uint8 (H, W, 3), 'label': int}`` (grayscale expanded to RGB);
