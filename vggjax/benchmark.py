@@ -533,8 +533,8 @@ def _define_flags() -> dict:
   f['steps'] = flags.DEFINE_integer('steps', 10, 'Back-to-back steps per timed repeat.')
   f['repeats'] = flags.DEFINE_integer('repeats', 3, 'Timed repeats (the median is reported).')
   f['warmup'] = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-  f['eval_size'] = flags.DEFINE_integer('eval_size', None, 'Dense-eval image size (default 384 for a 224 net; '
-                                        '0: no eval step).')
+  f['eval_size'] = flags.DEFINE_integer('eval_size', None, 'Dense-eval image size (default 384 for a 224 '
+                                        'net; 0: no eval step).')
   f['eval_batch'] = flags.DEFINE_integer('eval_batch', 0, 'Dense-eval global batch (0: the train batch).')
   f['peak_tflops'] = flags.DEFINE_float('peak_tflops', 0.0, 'Peak dense TFLOP/s of one device for MFU '
                                         '(default: the table; none on CPU).')

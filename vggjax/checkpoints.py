@@ -23,11 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vggjax import models
+from vggjax import models, rundir, settings
 from vggjax.preprocessing import Normalization
 
 META_FILE = 'vggjax.json'
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
 MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
 # The items of a training checkpoint step directory (WORKDIR/checkpoints/<step>/<item>).
 STATE_ITEM, DATA_ITEM, HOST_ITEM = 'state', 'data', 'host'
@@ -58,15 +58,15 @@ def save_weights(directory: str | os.PathLike, variables: Mapping, meta: Mapping
 
 def meta_from_config(config: Mapping) -> dict:
   """Weights metadata from a training run's resolved config (a dict as in WORKDIR/config.json)."""
-  m, d = config['model'], config['data']
+  m = settings.ModelSettings.from_config(config['model'])  # an older run's missing fields: the defaults
+  d = settings.DataSettings.from_config(config['data'])
   return {
-      'model': {'name': m['name'], 'num_classes': m['num_classes'], 'image_size': d['image_size'],
-                'width': m.get('width', 1.0), 'fc_features': m.get('fc_features', 0) or None},
-      'normalization': Normalization.from_rgb(d['mean_rgb'], d['std_rgb'],
-                                              d.get('color_order', 'RGB')).to_dict(),
+      'model': {'name': m.name, 'num_classes': m.num_classes, 'image_size': d.image_size,
+                'width': m.width, 'fc_features': m.fc_features or None},
+      'normalization': Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.color_order).to_dict(),
       'source': 'vggjax training run',
       'labels': config.get('labels'),
-      'data': {'scale_min': d['scale_min'], 'scale_max': d['scale_max']},
+      'data': {'scale_min': d.scale_min, 'scale_max': d.scale_max},
   }
 
 
@@ -97,12 +97,12 @@ def _resolve(path: str | os.PathLike) -> tuple[str, epath.Path, int | None]:
   p = absolute(path)
   if (p / META_FILE).exists():
     return 'weights', p, None
-  if (p / 'config.json').exists():
+  if (p / rundir.CONFIG_FILE).exists():
     step = latest_step(p)
     if step is None:
       raise FileNotFoundError(f'{p} is a training run with no complete checkpoint in {p / CHECKPOINT_DIR}')
     return 'run', p, step
-  if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / 'config.json').exists():
+  if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / rundir.CONFIG_FILE).exists():
     return 'run', p.parent.parent, int(p.name)
   raise FileNotFoundError(
       f'{p} is neither a weights directory (with {META_FILE}), a training workdir (with config.json and '
@@ -114,7 +114,7 @@ def load_meta(path: str | os.PathLike) -> dict:
   kind, directory, step = _resolve(path)
   if kind == 'weights':
     return json.loads((directory / META_FILE).read_text())
-  meta = meta_from_config(json.loads((directory / 'config.json').read_text()))
+  meta = meta_from_config(json.loads((directory / rundir.CONFIG_FILE).read_text()))
   meta['step'] = step
   return meta
 
@@ -174,7 +174,8 @@ class TrainCheckpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=True, cleanup_tmp_directories=True),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       DATA_ITEM: grain.checkpoint.CheckpointHandler(), HOST_ITEM: ocp.JsonCheckpointHandler()})
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       HOST_ITEM: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -192,7 +193,8 @@ class TrainCheckpointer:
     ocp = self._ocp
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-        DATA_ITEM: self._grain.CheckpointRestore(_IteratorState(iterator)), HOST_ITEM: ocp.args.JsonRestore()}))
+        DATA_ITEM: self._grain.CheckpointRestore(_IteratorState(iterator)),
+        HOST_ITEM: ocp.args.JsonRestore()}))
     return restored[STATE_ITEM], dict(restored[HOST_ITEM])
 
   def wait(self) -> None:

@@ -182,8 +182,8 @@ def define_process_flags() -> dict:
                                                  'HOST:PORT of process 0 (multi-process runs).'),
       'num_processes': flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process runs).'),
       'process_id': flags.DEFINE_integer('process_id', -1, 'This process\'s index (multi-process runs).'),
-      'num_cpu_devices': flags.DEFINE_integer('num_cpu_devices', 0,
-                                              'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).'),
+      'num_cpu_devices': flags.DEFINE_integer(
+          'num_cpu_devices', 0, 'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).'),
   }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from vggjax import cli, models, optim, settings
+from vggjax import cli, models, optim, rundir, settings
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
 DTYPES = ('float32', 'bfloat16')
@@ -174,10 +174,10 @@ def write(config: ml_collections.ConfigDict, workdir, extra: dict | None = None)
   d = json.loads(to_json(config))
   d.update(extra or {})
   text = json.dumps(d, indent=2, sort_keys=True)
-  path = epath.Path(workdir) / 'config.json'
+  path = epath.Path(workdir) / rundir.CONFIG_FILE
   if '://' in str(path):
     path.write_text(text)
     return
-  tmp = path.with_name('config.json.tmp')
+  tmp = path.with_name(rundir.CONFIG_FILE + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)

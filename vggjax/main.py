@@ -32,7 +32,8 @@ def _define_flags() -> dict:
       'config', str(cli.config_file('demo')), 'A config file PATH[:ARG] (relative to the working directory, '
       'else an installed config: configs/vgg16.py:jitter or vgg16:jitter); the built-in demo if not given. '
       'Override fields with --config.FIELD=VALUE.', lock_config=True)}
-  f['workdir'] = flags.DEFINE_string('workdir', None, 'The run directory: config, metrics, checkpoints, plots.')
+  f['workdir'] = flags.DEFINE_string('workdir', None,
+                                     'The run directory: config, metrics, checkpoints, plots.')
   f.update(cli.define_process_flags())
   flags.mark_flags_as_required(['workdir'])
   return f
