@@ -594,6 +594,9 @@ def summary(r: dict) -> str:
 
 
 def main(argv, flag_holders) -> None:
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:  # the output is the summary (or JSON): no library INFO lines
+    logging.set_verbosity(logging.WARNING)
   f = cli.start_command(argv, flag_holders)
   import jax
   from vggjax import models
