@@ -59,27 +59,29 @@ def detect_cluster() -> str | None:
   return None
 
 
-_JOINED = []  # set once jax.distributed.initialize has run in this process
+_STARTED: list[bool] = []  # the result of the first `initialize` in this process
 
 
 def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> bool:
-  """Joins the processes of a multi-process run; returns True if it did (now or in an earlier call: a second
-  call does nothing). Call before any device query."""
-  if _JOINED:
-    return True
+  """Joins the processes of a multi-process run; returns True if it did. Call before any device query. A
+  second call (a command's start, then a library function's) returns the first call's result."""
+  if not _STARTED:
+    _STARTED.append(_initialize(coordinator_address, num_processes, process_id))
+  return _STARTED[0]
+
+
+def _initialize(coordinator_address: str, num_processes: int, process_id: int) -> bool:
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 1 and 0 <= process_id < num_processes):
       raise ValueError(
           'a multi-process run needs --coordinator_address=HOST:PORT, --num_processes=N (>1) and '
           f'--process_id in [0, N); got {coordinator_address!r}, {num_processes}, {process_id}')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    _JOINED.append(True)
     return True
   cluster = detect_cluster()
   if cluster:
     logging.info('detected a %s cluster: joining with jax.distributed.initialize()', cluster)
     jax.distributed.initialize()
-    _JOINED.append(True)
     return True
   return False
 
