@@ -128,7 +128,8 @@ def _run(args, timeout=240, **env):
 @pytest.fixture(scope='module')
 def cli_record():
   records = _run(['-m', 'vggjax.benchmark', *TINY, '--batch=4', '--dtype=float32', '--steps=2', '--repeats=2',
-                  '--warmup=1', '--eval_size=64', '--peak_tflops=0.5', '--json'], num_devices=2, **FAST_COMPILE)
+                  '--warmup=1', '--eval_size=64', '--peak_tflops=0.5', '--json'], num_devices=2,
+                 **FAST_COMPILE)
   assert len(records) == 1
   return records[0]
 
@@ -166,8 +167,8 @@ def test_cli_rejects_a_batch_the_devices_cannot_split():
 def test_dashed_flag_spellings_of_earlier_versions_are_accepted():
   """TINY (dashed, shared with benchmarks/torch_reference.py) reaches vggjax.benchmark's underscore flags."""
   names = {'image_size', 'fc_features', 'remat', 'json'}
-  assert vb.undash(['prog', '--image-size=32', '--fc-features', '16', '--remat', '--json', '--a-b=1'],
-                   names) == ['prog', '--image_size=32', '--fc_features', '16', '--remat', '--json', '--a-b=1']
+  argv = vb.undash(['prog', '--image-size=32', '--fc-features', '16', '--remat', '--json', '--a-b=1'], names)
+  assert argv == ['prog', '--image_size=32', '--fc_features', '16', '--remat', '--json', '--a-b=1']
 
 
 @pytest.mark.slow

@@ -205,7 +205,7 @@ def test_typed_settings_have_the_default_configs_fields_and_defaults():
     assert set(cls.field_names()) == set(base[cls.BLOCK]), cls
     assert cls.from_config({}).to_dict() == cls.from_config(base[cls.BLOCK]).to_dict()
   d = settings.DataSettings.from_config(digits_cfg(num_workers=3))
-  assert (d.num_workers, d.max_consecutive_bad, d.jpeg_dct_scaling) == (3, base.data.max_consecutive_bad, True)
+  assert (d.num_workers, d.max_consecutive_bad) == (3, base.data.max_consecutive_bad) and d.jpeg_dct_scaling
   assert settings.DataSettings.from_config(ml_collections.ConfigDict({'source': 'digits'})).num_workers == (
       base.data.num_workers)
   as_json = json.loads(json.dumps(base.data.to_dict()))  # lists where the config had tuples
