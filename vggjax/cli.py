@@ -107,9 +107,16 @@ def quiet_libraries() -> None:
 
 
 def program() -> str:
-  """The command's name for messages: 'vggjax train' (set by `main`) or the module's file name."""
+  """The command's name for messages: 'vggjax train' (set by `main`), 'python -m vggjax.data.prepare' (a
+  module of the package run with -m) or the script's file name."""
   name = sys.argv[0] if sys.argv else 'vggjax'
-  return name if name.startswith('vggjax') else os.path.basename(name)
+  if name.startswith('vggjax'):
+    return name
+  path = pathlib.Path(name).resolve()
+  package = pathlib.Path(__file__).resolve().parent
+  if path.suffix == '.py' and package in path.parents:
+    return 'python -m ' + '.'.join(('vggjax', *path.relative_to(package).with_suffix('').parts))
+  return os.path.basename(name)
 
 
 def fail(message) -> None:
