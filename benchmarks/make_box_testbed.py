@@ -10,7 +10,8 @@ No dataset with bounding boxes ships offline, so this one is made from real pict
   camera), a random window of 40-100% of the photograph's shorter side each time, resized to the picture.
 
 Each picture is 96 pixels on its shorter side and 96-144 on its longer (landscape or portrait), holds one
-object, and is labelled with the object's class (the 10 Fashion-MNIST classes). The box is the tight box of
+object, and is labelled with the object's class (the 10 Fashion-MNIST classes, in Fashion-MNIST's label
+order: directory ``<label>_<name>``). The box is the tight box of
 the object's mask (alpha > 0.1). The folder is what ``data.source=folder`` with ``data.boxes_file`` reads::
 
     ROOT/train/<class>/<n>.jpg, ROOT/val/<class>/<n>.jpg,
@@ -33,8 +34,11 @@ import numpy as np
 from PIL import Image
 
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
-CLASS_DIRS = ('tshirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
-              'ankle_boot')
+# The class directories in Fashion-MNIST's label order (an image folder's classes are its sorted directory
+# names): class c of the test bed is Fashion-MNIST's label c, so a classifier of plain Fashion-MNIST
+# (configs/boxes_testbed.py:pretrain) warm-starts the test bed's classifier, fc8 included.
+CLASS_DIRS = ('0_tshirt_top', '1_trouser', '2_pullover', '3_dress', '4_coat', '5_sandal', '6_shirt', '7_sneaker',
+              '8_bag', '9_ankle_boot')
 SHORT_SIDE = 96
 LONG_SIDES = (96, 112, 128, 144)
 OBJECT_FRACTION = (0.35, 0.7)  # the object's longer side, as a fraction of the picture's shorter side

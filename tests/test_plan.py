@@ -86,6 +86,18 @@ def test_train_step_compiles_for_one_host(one_host):
   grads = [c for c in train['collectives'] if c['kind'] == 'all-reduce' and c['link'] == 'ICI']
   assert grads and grads[0]['participants'] == 8  # the gradient all-reduce over the slice
   assert train['estimate']['step_s'] > 0 and train['estimate']['kind'].startswith('estimate')
+  assert 'recomputes' not in train  # no remat: the compiled FLOPs are the model's
+
+
+@pytest.mark.slow
+def test_recomputation_is_reported():
+  """A train step that recomputes activations (here model.remat; an older libtpu also rematerialises by
+  itself to fit a batch whose activations do not fit) does more FLOPs than the model: the plan says so."""
+  report = plan.plan(narrow_config(64, remat=True), plan.tpu_target('v5litepod-8'), steps_to_plan=('train',))
+  train = report['steps']['train']
+  assert train['recomputes']['model_remat'] is True
+  assert train['recomputes']['compiler_over_model_flops'] > plan.RECOMPUTE_RATIO
+  assert 'RECOMPUTES' in plan.format_report(report)
 
 
 @pytest.mark.slow
@@ -138,6 +150,43 @@ def test_max_batch_fits_and_its_double_does_not(quarter):
   assert not found['probes'][str(found['first_not_fitting'])]['fits']
 
 
+def _affine_probe(base, per_image, bend=0.0):
+  """A stand-in for compiling: memory base + per_image x b (+ a small convex bend), with the probes asked."""
+  asked = []
+
+  def probe(b):
+    asked.append(b)
+    return int(base + per_image * b + bend * b * b)
+  return probe, asked
+
+
+@pytest.mark.parametrize('start,bend', [(32, 0.0), (32, 2e3), (8, 0.0), (512, 0.0), (512, 5e3)])
+def test_max_batch_search_follows_the_line(start, bend):
+  """The search asks few probes (two give the line, the edge and one step above it confirm it) and its
+  answer is the true edge of the probed function: fits, and one step more does not."""
+  hbm = 16 * 2 ** 30
+  probe, asked = _affine_probe(2 * 2 ** 30, 37 * 2 ** 20, bend)
+  lo, hi, why = plan.search_max_batch(probe, hbm, start, 8)
+  assert probe(lo) <= hbm < probe(lo + 8) and hi == lo + 8 and lo % 8 == 0
+  assert len(set(asked)) <= 5, why
+  if bend == 0.0 and start < lo:
+    assert len(set(asked)) <= 4, why  # start, its double, the predicted edge, one step above
+
+
+def test_max_batch_search_without_figures_bisects():
+  """A probe that runs out of memory at compile time gives no figure: the search falls back to halving and
+  bisection, and still ends on a compiled edge; nothing fitting gives 0."""
+  edge = 100
+  asked = []
+
+  def probe(b):
+    asked.append(b)
+    return 1 if b <= edge else None
+  lo, hi, _ = plan.search_max_batch(probe, 10, 512, 4)
+  assert (lo, hi) == (100, 104)
+  assert plan.search_max_batch(lambda b: None, 10, 64, 8)[:2] == (0, 8)
+
+
 def test_valid_taps_against_the_analytic_count():
   """At the paper's size the analytic count (every tap) and the compiler's (taps inside the image) differ by
   the zero padding only: within 5% for A, D and E."""
@@ -157,6 +206,28 @@ def test_compiler_flops_agree(quarter):
   per_image = (flops[16] - flops[8]) / 8
   valid = plan.valid_tap_flops(steps.model, (64, 64), True)
   assert abs(per_image / valid - 1) < 0.05, (per_image, valid)
+
+
+def test_fixed_and_jittered_scale_share_the_train_step():
+  """S=256 and S~U[256,512] differ in the data transform only: the train step sees image_size crops in both
+  and lowers to the same program (the plan's table gives them one compiled train step); the dense
+  evaluation step differs (its test scale Q: 256 against 384)."""
+  from configs import vgg11
+  from vggjax import config_lib, parallel
+  mesh = parallel.make_mesh(plan.tpu_target('v5litepod-8').devices)
+  texts, dense = [], []
+  for scale in ('256', 'jitter'):
+    c = vgg11.get_config(scale)
+    for k, v in NARROW.items():
+      c.model[k] = v
+    c.model.dtype = 'bfloat16'
+    c.data.image_size = 32
+    c.train.global_batch_size = 64
+    steps = plan.Steps.build(config_lib.resolve(c, 10), mesh)
+    texts.append(steps.train_step().lower(*steps.train_args(64)).as_text())
+    dense.append(steps.dense_shape())
+  assert texts[0] == texts[1]
+  assert dense[0][0] == 256 and dense[1][0] == 384
 
 
 # --- multi-host, multi-slice, the command line ------------------------------------------------------------
@@ -197,6 +268,8 @@ def test_two_slices_cross_dcn():
 
 @pytest.mark.slow
 def test_impossible_batch_is_reported():
+  """524,288 images per chip: libtpu 0.0.52 (the tpu extra's) stops with CompileTimeHbmOom in under a minute;
+  0.0.42.1 squeezes it into HBM after 22 minutes (BENCHMARKS.md, "Which libtpu")."""
   r = _run(['--topology=v5litepod-8', '--steps=train', f'--config.train.global_batch_size={8 * 2 ** 19}'])
   assert r.returncode == plan.EXIT_DOES_NOT_FIT, r.stderr[-3000:]
   assert 'OUT OF MEMORY' in r.stdout and 'does not fit' in r.stderr

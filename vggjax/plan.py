@@ -34,9 +34,11 @@ TPU compiler for them. The plan does exactly that for the steps ``vggjax.main`` 
   the schedule's cost (wall-clock days and chip-hours for the config's epochs over the training set);
 * hosts, processes and per-process batch, and the images/s each host's input pipeline must sustain against
   the per-core rate measured in BENCHMARKS.md ("Input pipeline"): the cores per host it needs;
-* ``--max_batch``: the largest per-chip batch whose train step fits (doubling, then bisection on the
-  compiled memory; a compile that runs out of memory counts as not fitting), for the config's dtype and
-  ``model.remat``. When the config's batch does not fit, the search runs by itself and the plan says which
+* ``--max_batch``: the largest per-chip batch whose train step fits, for the config's dtype and
+  ``model.remat``. A step's memory is close to affine in its batch, so the config's batch and its double
+  give a line, the line predicts the edge, and the edge and one granule above it are compiled: about four
+  compiles where doubling and bisection took seven or more (a compile that runs out of memory counts as not
+  fitting; without two figures the search halves or bisects). The answer always comes from compiles. When the config's batch does not fit, the search runs by itself and the plan says which
   per-chip batch fits and how many accumulation steps (``train.accumulate_steps``) keep the global batch.
 
 A step that does not compile for the slice (an op the TPU compiler rejects, a sharding error, out of memory
@@ -72,6 +74,10 @@ if __name__ == '__main__':
 GIB = 1024 ** 3
 EXIT_COMPILE_ERROR = 3
 EXIT_DOES_NOT_FIT = 4
+# A train step whose compiled FLOPs exceed the model's (the taps inside the image) by more than this
+# recomputes activations. Measured on a v5litepod-8: D 1.004; the narrow test net 1.15 (its elementwise work
+# is a larger share of a tiny net), 1.54 with model.remat (the forward convolutions done twice).
+RECOMPUTE_RATIO = 1.25
 
 # Images per core-second of the whole input pipeline (folder source, Grain, batches of 32), from
 # BENCHMARKS.md "Input pipeline" (2-core AMD EPYC VM, 2026-11-28): S = 256 and S ~ U[256, 512].
@@ -442,6 +448,31 @@ def memory_total(mem: dict) -> tuple[int, int]:
   return mem['total_bytes'] + mem['code_bytes'], mem['temp_bytes']
 
 
+def libtpu_version() -> str | None:
+  """The version of the libtpu this process compiles with (None if it is not installed)."""
+  try:
+    import libtpu
+  except ImportError:
+    return None
+  return getattr(libtpu, '__version__', None) or 'unknown'
+
+
+def checked_memory(mem: dict, target: Target, step: str) -> tuple[int, int]:
+  """``memory_total`` of a TPU compile, refused where the compiler's memory analysis cannot be right: the
+  plan's fits/does-not-fit rests on it, so a missing peak, or a peak below the arguments it includes, is a
+  PlanError naming the libtpu rather than a verdict."""
+  if target.device_kind.startswith('TPU'):
+    peak = mem.get('peak_bytes') or 0
+    if peak <= 0:
+      raise PlanError(f'{target.name}: libtpu {libtpu_version()} gives no peak memory for the {step} step '
+                      f'(memory analysis {mem}); without it the plan cannot say whether the step fits')
+    if peak < mem['argument_bytes']:
+      raise PlanError(f'{target.name}: libtpu {libtpu_version()} reports a peak memory of {peak:,} bytes for '
+                      f'the {step} step, below its own arguments ({mem["argument_bytes"]:,} bytes): not a '
+                      f'memory analysis the plan can use')
+  return memory_total(mem)
+
+
 @dataclasses.dataclass
 class Compiled:
   ok: bool
@@ -470,7 +501,7 @@ def compile_step(fn, args: tuple, what: str, target: Target, log: Callable[[str]
 def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
                 analytic_flops_per_image: float, state_parts: dict, batch_bytes_per_chip: int,
                 image_hw: tuple[int, int], loop_trips: int = 1,
-                valid_flops_per_image: float | None = None) -> dict:
+                valid_flops_per_image: float | None = None, step_remat: bool = False) -> dict:
   """Memory, FLOPs, collectives and the roofline estimate of one compiled step (per chip). XLA's cost
   analysis counts the body of a loop once: where the step loops (`loop_trips`: the dense step's flip, the
   train step's accumulation), the estimate scales the compiler's FLOPs and bytes by the trip count (which
@@ -486,7 +517,7 @@ def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
   mem = benchmark.compiled_memory(comp.compiled)
   if mem is None:
     raise PlanError(f'{target.name}: the compiler gives no memory analysis of the {step} step')
-  total, temporaries = memory_total(mem)
+  total, temporaries = checked_memory(mem, target, step)
   logical = sum(state_parts.values()) + batch_bytes_per_chip
   r['memory'] = {
       **state_parts, 'batch_bytes': batch_bytes_per_chip,
@@ -506,6 +537,12 @@ def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
                 'compiler_over_analytic': (flops / analytic) if flops and analytic else None,
                 'analytic_valid_taps_per_chip': valid,
                 'compiler_over_valid_taps': (flops / valid) if flops and valid else None}
+  over = r['flops']['compiler_over_valid_taps']
+  if step == 'train' and over and over > RECOMPUTE_RATIO and loop_trips == 1:
+    # More FLOPs than the model's: the compiler recomputes activations (model.remat, or its own
+    # rematerialisation when the activations do not fit; libtpu 0.0.42.1 squeezes into HBM batches that
+    # 0.0.52 rejects). The step fits only by recomputing, and the estimate below includes the recomputation.
+    r['recomputes'] = {'compiler_over_model_flops': over, 'model_remat': step_remat}
   hbm_bytes = cost.get('bytes accessed')
   r['hbm_bytes_accessed_per_chip'] = hbm_bytes
   text = comp.compiled.as_text() or ''
@@ -614,60 +651,97 @@ def train_memory(steps: Steps, target: Target, per_chip: int, log: Callable[[str
                       f'train step (per-chip batch {per_chip})', target, log)
 
 
+def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: int, step: int,
+                     limit: int = 4096, max_probes: int = 12) -> tuple[int, int | None, list[str]]:
+  """(largest fitting batch or 0, smallest batch known not to fit or None, how each probe was chosen):
+  the largest multiple of `step` whose memory `probe(b)` (bytes, or None for out of memory at compile time)
+  is at most `hbm_bytes`. The memory of a step is close to affine in its batch, so two probes give a line and
+  the line predicts the edge; every answer still comes from probes: the search ends only when a probe that
+  fits and a probe `step` above it that does not are both compiled. Where the line misses (or a probe ran
+  out of memory without a figure), the next probe moves one `step` past the last or bisects."""
+  totals: dict[int, int | None] = {}
+  why: list[str] = []
+
+  def ask(b: int, reason: str) -> bool:
+    if b not in totals:
+      if len(totals) >= max_probes:
+        raise PlanError(f'the largest batch was not found in {max_probes} compiles')
+      why.append(f'{b}: {reason}')
+      totals[b] = probe(b)
+    return totals[b] is not None and totals[b] <= hbm_bytes
+
+  def floor(x: float) -> int:
+    return int(x // step) * step
+
+  b = max(step, floor(start))
+  lo, hi = 0, None
+  if ask(b, 'the config\'s per-chip batch'):
+    lo = b
+  else:
+    hi = b
+  while hi is None or hi - lo > step:
+    measured = sorted((k, v) for k, v in totals.items() if v is not None)
+    guess = None
+    if len(measured) >= 2:  # the line through the two measured probes nearest the edge
+      near = sorted(measured, key=lambda kv: abs(kv[1] - hbm_bytes))[:2]
+      (b1, t1), (b2, t2) = sorted(near)
+      if t2 > t1 and b2 > b1:
+        guess = floor(b1 + (hbm_bytes - t1) * (b2 - b1) / (t2 - t1))
+        reason = f'the line through {b1} and {b2}'
+    if guess is None:  # no line yet: double up, halve down, or bisect
+      if hi is None:
+        guess, reason = 2 * lo, 'double'
+      elif lo == 0:
+        guess, reason = floor(hi / 2), 'halve'
+      else:
+        guess, reason = floor((lo + hi) / 2), 'bisect'
+    # stay strictly inside (lo, hi); a guess on a known probe moves one step inwards
+    guess = max(guess, lo + step)
+    if hi is not None:
+      guess = min(guess, hi - step)
+    if hi is None and guess > limit:
+      if lo >= limit or lo + step > limit:
+        break
+      guess = floor(limit)
+    if guess <= 0 or guess in totals:
+      break
+    if ask(guess, reason):
+      lo = guess
+    else:
+      hi = guess
+    if lo == 0 and hi is not None and hi <= step:
+      break
+  return lo, hi, why
+
+
 def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], None], limit: int = 4096,
               known: dict[int, Compiled] | None = None, granularity: int = 1) -> dict:
   """The largest per-chip batch (a multiple of `granularity` and of the accumulation steps) whose train
-  step fits in HBM: doubling from `start` (or halving while it does not fit), then bisection between the
-  largest that fits and the smallest that does not, to within `granularity`."""
+  step fits in HBM, by compiling (``search_max_batch``: the line through two compiles predicts the edge,
+  then the edge and one step above it are compiled)."""
   from vggjax import benchmark
   probes: dict[int, dict] = {}
   k = max(1, steps.accumulate_steps)
 
-  def fits(b: int) -> bool:
-    if b not in probes:
-      comp = (known or {}).get(b) or train_memory(steps, target, b, log)
-      mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
-      total = memory_total(mem)[0] if mem else None
-      probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
-                   'total_bytes': total, 'compile_s': round(comp.seconds, 1),
-                   'error': None if comp.ok else comp.error.splitlines()[0][:300]}
-      if not comp.ok and not comp.oom:
-        raise PlanError(f'{target.name}: the train step at per-chip batch {b} does not compile: {comp.error}')
-      log(f'  per-chip batch {b}: {"fits" if probes[b]["fits"] else "does not fit"}'
-          + (f' ({total / GIB:.2f} GiB)' if total else ' (out of memory at compile time)'))
-    return probes[b]['fits']
+  def probe(b: int) -> int | None:
+    comp = (known or {}).get(b) or train_memory(steps, target, b, log)
+    mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
+    total = checked_memory(mem, target, 'train')[0] if mem else None
+    probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
+                 'total_bytes': total, 'compile_s': round(comp.seconds, 1),
+                 'error': None if comp.ok else comp.error.splitlines()[0][:300]}
+    if not comp.ok and not comp.oom:
+      raise PlanError(f'{target.name}: the train step at per-chip batch {b} does not compile: {comp.error}')
+    log(f'  per-chip batch {b}: {"fits" if probes[b]["fits"] else "does not fit"}'
+        + (f' ({total / GIB:.2f} GiB)' if total else ' (out of memory at compile time)'))
+    return total if comp.ok else None
 
   step = math.lcm(k, max(1, granularity))  # the per-chip batch must split into the accumulation steps
-  b = max(step, start - start % step)
-  lo, hi = 0, None
-  if fits(b):
-    lo = b
-    while hi is None and 2 * lo <= limit:
-      if fits(2 * lo):
-        lo *= 2
-      else:
-        hi = 2 * lo
-  else:
-    hi = b
-    while lo == 0 and hi > step:
-      b = max(step, (hi // 2) - (hi // 2) % step)
-      if fits(b):
-        lo = b
-      else:
-        hi = b
-  while hi is not None and hi - lo > step:
-    mid = (lo + hi) // 2
-    mid -= mid % step
-    if mid <= lo:
-      break
-    if fits(mid):
-      lo = mid
-    else:
-      hi = mid
+  lo, hi, why = search_max_batch(probe, target.hbm_bytes, start, step, limit)
   return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step,
           'dtype': str(steps.config.model.dtype),
           'remat': bool(steps.config.model.remat), 'hbm_bytes': target.hbm_bytes,
-          'probes': {str(b): p for b, p in sorted(probes.items())}}
+          'probes': {str(b): p for b, p in sorted(probes.items())}, 'search': why}
 
 
 def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), find_max_batch: bool = False,
@@ -699,7 +773,9 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
   fwd = models.flops(m.name, size, train_size=size, **opts).flops
   report: dict[str, Any] = {
       'kind': 'plan (compiled for the target; times are estimates, not measurements)',
-      'date': time.strftime('%Y-%m-%d'), 'jax_version': jax.__version__, 'target': target.to_dict(),
+      'date': time.strftime('%Y-%m-%d'), 'jax_version': jax.__version__,
+      'libtpu_version': libtpu_version() if target.device_kind.startswith('TPU') else None,
+      'target': target.to_dict(),
       'model': {'name': m.name, 'dtype': str(m.dtype), 'remat': bool(m.remat), 'width': m.width,
                 'num_classes': m.num_classes, 'parameters': models.param_count(steps.model),
                 'image_size': size, 'train_scale': [int(d.scale_min), int(d.scale_max)]},
@@ -715,7 +791,8 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
                                            batch_bytes_per_chip=per_chip * img_bytes, image_hw=(size, size),
                                            loop_trips=steps.accumulate_steps,
                                            valid_flops_per_image=valid_tap_flops(steps.model, (size, size),
-                                                                                 True))
+                                                                                 True),
+                                           step_remat=bool(m.remat))
     tr = report['steps']['train']
     if comp.ok is False and not comp.oom:
       report['failed'] = {'step': 'train', 'topology': target.name, 'message': comp.error}
@@ -844,7 +921,8 @@ def format_report(r: dict) -> str:
   remat = ', remat' if m['remat'] else ''
   lines = [f'plan: {m["name"]} ({m["parameters"]:,} parameters, {m["dtype"]}{remat}) '
            f'on {t["name"]}, {t["chips"]} chips ({t["device_kind"]}), global batch {r["global_batch"]}'
-           + (f' in {r["accumulate_steps"]} accumulation steps' if r['accumulate_steps'] > 1 else '')]
+           + (f' in {r["accumulate_steps"]} accumulation steps' if r['accumulate_steps'] > 1 else '')
+           + (f'; compiled by libtpu {r["libtpu_version"]}' if r.get('libtpu_version') else '')]
   for name, s in r['steps'].items():
     head = (f'\n[{name}] per-chip batch {s["per_chip_batch"]} of {s["image_hw"][0]}x{s["image_hw"][1]} images'
             + (f' (test scale Q={s["test_scale"]})' if 'test_scale' in s else '')
@@ -863,6 +941,13 @@ def format_report(r: dict) -> str:
                  + f', batch {_gib(mm["batch_bytes"])}, all arguments {_gib(mm["arguments_bytes"])}, '
                  f'temporaries {_gib(mm["temporaries_bytes"])}, code {_gib(mm["code_bytes"])}; '
                  f'total {_gib(mm["total_bytes"])} of {_gib(mm["hbm_bytes"])} HBM: {verdict}')
+    rc = s.get('recomputes')
+    if rc:
+      lines.append(f'  RECOMPUTES: the compiled step does {rc["compiler_over_model_flops"]:.2f}x the model\'s '
+                   'FLOPs: it fits only by recomputing activations ('
+                   + ('model.remat is on' if rc['model_remat'] else
+                      'the compiler\'s own rematerialisation: model.remat is off; the activations of this batch '
+                      'do not fit without it') + '); the estimate includes the recomputation')
     f = s['flops']
     ratio = f['compiler_over_analytic']
     valid = f.get('compiler_over_valid_taps')

@@ -1,4 +1,4 @@
-"""Typed settings: the config read once, where it enters (docs/design.md, decision 27).
+"""Typed settings: the config read once, where it enters (docs/design.md, decision 29).
 
 A command validates its ConfigDict (config_lib.validate) and turns its blocks into these frozen dataclasses;
 the layers below (the input pipeline, the training loop) take the dataclasses, never the ConfigDict, and

@@ -1,6 +1,6 @@
 """Training: the train state, the jitted data-parallel train and eval steps, and the loop.
 
-Why one module of about 650 lines: the train state, the step functions and the loop share the state's
+Why one module of about 600 lines: the train state, the step functions and the loop share the state's
 sharding and the fault bookkeeping, and notebooks import them from one place; checkpointing (checkpoints.py),
 the data (data/), the settings (settings.py) and the run directory (rundir.py) live apart.
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import signal
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, models, optim, parallel, rundir, settings
+from vggjax import checkpoints, models, optim, parallel, preemption, rundir, settings
 from vggjax import runlog as vlog
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
 
@@ -415,49 +412,6 @@ def warn_deep_from_scratch(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-class _StopRequest:
-  """A preemption notice (SIGTERM): the loop finishes the step, checkpoints and exits 0. Polled on the host
-  only, after every step (`requested(step)`) and, on one process, before every evaluation batch (`in_eval`).
-
-  One process: a Python SIGTERM handler sets a flag; a notice during an evaluation pass drops the pass.
-  Several processes: JAX's preemption service (started by jax.distributed.initialize) owns SIGTERM; its
-  notifier tells the coordination service, which picks the step after the furthest any process has reported,
-  and every process stops there (multihost_utils.reached_preemption_sync_point(step)). The step ids are the
-  training steps, the ids Orbax's CheckpointManager reports to the same service when it saves. No Python
-  handler is installed then (it would replace JAX's notifier); a notice during an evaluation pass takes
-  effect at the first step after it."""
-
-  def __init__(self):
-    self.flag = threading.Event()
-    self._previous = {}
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    log.warning('received signal %d: finishing the step, then checkpointing and exiting', signum)
-    self.flag.set()
-
-  def in_eval(self) -> bool:
-    return not self._multi and self.flag.is_set()
-
-  def requested(self, step: int) -> bool:
-    if self.flag.is_set() or not self._multi:
-      return self.flag.is_set()
-    try:
-      reached = multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError as e:  # the preemption service is off (jax_enable_preemption_service=False)
-      log.warning('preemption notices are not handled: %s', e)
-      self._multi = False
-      return False
-    if reached:
-      log.warning('preemption notice: every process stops at this point, checkpoints and exits')
-      self.flag.set()
-    return reached
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 @dataclasses.dataclass
@@ -562,7 +516,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
              result['val_top5'], result['val_count'], ' -> lr reduced' if reduced else '')
     return row
 
-  stop = _StopRequest()
+  stop = preemption.StopRequest()
+  stop.attach(ckpt.manager)  # Orbax's own preemption queries would break the sync point ids (preemption.py)
   bar = vlog.ProgressBar(total_steps, start=start, enabled=is_main)
   step, last_eval, preempted = start, None, False
   window: list[dict] = []
