@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from configs import demo  # noqa: E402
-from vggjax import optim, parallel, train  # noqa: E402
+from vggjax import checkpoints, optim, parallel, train  # noqa: E402
 from vggjax.data import pipeline  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def bare_step_img_per_s(config, repeats: int) -> float:
   img_per_s = repeats * config.train.global_batch_size / (time.perf_counter() - t0)
   # What one asynchronous checkpoint costs the loop (the blocking part of a save).
   with tempfile.TemporaryDirectory() as workdir:
-    ckpt = train.TrainCheckpointer(workdir, keep=2)
+    ckpt = checkpoints.TrainCheckpointer(workdir, keep=2)
     ckpt.save(1, state, it, {})
     ckpt.wait()
     costs = []

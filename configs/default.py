@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'          # compute dtype: float32 or bfloat16 (params stay float32)
   c.model.pool_ceil = False         # Caffe's ceil rounding in max pooling (dense eval of Caffe weights)
   c.model.remat = False              # recompute conv activations in the backward pass (saves memory)
+  c.model.head = 'classify'          # classify, or a box regressor: scr, pcr (paper Appendix A; vgg16_loc)
 
   # --- data (vggjax.data) ---
   c.data = ml_collections.ConfigDict()
@@ -55,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_consecutive_bad = 100   # unreadable images in a row before the run stops (each is skipped)
   c.data.image_key = 'image'         # TFDS feature names
   c.data.label_key = 'label'
+  c.data.boxes_file = ''             # localisation (model.head scr/pcr): per-image boxes of a folder dataset
+  c.data.bbox_key = ''               # ... or the TFDS bounding-box feature (objects/bbox)
 
   # --- training loop (vggjax.train) ---
   c.train = ml_collections.ConfigDict()

@@ -108,7 +108,8 @@ def plan(root: str, python: str = 'python', tiny: bool = False, overrides: list[
 def status(step: Step) -> str:
   """complete, incomplete (started) or pending."""
   if step.kind == 'eval':
-    return 'complete' if sweep._path(sweep._join(step.workdir, 'eval.json')).exists() else 'pending'
+    done = sweep._path(sweep._join(step.workdir, sweep.rundir.EVAL_FILE)).exists()
+    return 'complete' if done else 'pending'
   return sweep.run_summary(step.workdir)['status']
 
 

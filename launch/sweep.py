@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Sweeps: a grid or a list of config overrides becomes one training run per point, each in its own workdir.
 
+Why one file of about 500 lines: the launch/ scripts run as files from a checkout (on a login node, without
+installing anything); paper.py imports this one for its run status, overrides and files.
+
     python launch/sweep.py run --root=runs/lr --config=configs/demo.py \\
         --grid optimizer.lr=0.005,0.01,0.02 model.name=vgg11,vgg13 --set train.num_epochs=5
     python launch/sweep.py run --root=runs/lr --points=points.txt      # one override set per line
@@ -38,6 +41,9 @@ import time
 from typing import Any, Iterable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the checkout's vggjax (the package may not be installed here)
+from vggjax import rundir  # noqa: E402  (standard library only: no JAX on a login node)
+
 MANIFEST = 'sweep.json'
 SUMMARY = 'summary.json'
 
@@ -168,27 +174,8 @@ def run_names(points: list[dict[str, str]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ files
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
-def _path(path: str):
-  if _is_remote(path):
-    from etils import epath  # reads gs:// where a backend (gcsfs or TensorFlow) is installed
-    return epath.Path(path)
-  import pathlib
-  return pathlib.Path(path)
-
-
-def _join(root: str, name: str) -> str:
-  return root.rstrip('/') + '/' + name if _is_remote(root) else os.path.join(root, name)
-
-
-def read_json(path: str) -> Any:
-  p = _path(path)
-  if not p.exists():
-    return None
-  return json.loads(p.read_text())
+# The run directory's layout and helpers: vggjax.rundir (standard library only, shared with the trainer).
+_is_remote, _path, _join, read_json = rundir.is_remote, rundir.path, rundir.join, rundir.read_json
 
 
 def write_json(path: str, data: Any) -> None:
@@ -204,32 +191,14 @@ def write_json(path: str, data: Any) -> None:
   os.replace(tmp, p)
 
 
-def read_rows(workdir: str) -> list[dict]:
-  p = _path(_join(workdir, 'metrics.jsonl'))
-  if not p.exists():
-    return []
-  rows = []
-  for line in p.read_text().splitlines():
-    line = line.strip()
-    if line:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass  # a row being written
-  return rows
+read_rows = rundir.read_rows
 
 
 # ------------------------------------------------------------------------------------------------ status
 
-def total_steps(config: dict | None) -> int | None:
-  """The run's last step, from WORKDIR/config.json: train.max_steps, else num_epochs x steps per epoch."""
-  try:
-    t = config['train']
-    if t.get('max_steps'):
-      return int(t['max_steps'])
-    return int(t['num_epochs'] * (int(config['dataset']['num_train']) // int(t['global_batch_size'])))
-  except (KeyError, TypeError, ValueError, ZeroDivisionError):
-    return None
+# The run's last step from WORKDIR/config.json: the trainer's own formula (train.max_steps, else num_epochs x
+# steps per epoch).
+total_steps = rundir.run_total_steps
 
 
 def _number(v: Any) -> float | None:
@@ -256,8 +225,8 @@ def _pick(flat: dict[str, float], suffix: str) -> float | None:
 def run_summary(workdir: str) -> dict:
   """The final metrics of one run directory (nothing there yet: status 'pending')."""
   rows = read_rows(workdir)
-  config = read_json(_join(workdir, 'config.json'))
-  evaluation = read_json(_join(workdir, 'eval.json'))
+  config = rundir.read_config(workdir)
+  evaluation = read_json(_join(workdir, rundir.EVAL_FILE))
   train = [r for r in rows if 'loss' in r]
   evals = [r for r in rows if _number(r.get('val_top1')) is not None]
   last_step = max((int(r['step']) for r in rows if _number(r.get('step')) is not None), default=0)
@@ -433,7 +402,7 @@ def collect(root: str) -> list[dict]:
   p = _path(root)
   if p.exists():
     for d in sorted(p.iterdir(), key=lambda x: x.name):
-      is_run = (d / 'metrics.jsonl').exists() or (d / 'config.json').exists()
+      is_run = (d / rundir.METRICS_FILE).exists() or (d / rundir.CONFIG_FILE).exists()
       if d.name not in known and d.is_dir() and is_run:
         runs.append({'name': d.name, 'workdir': _join(root, d.name), 'overrides': {}})
   for r in runs:
@@ -466,7 +435,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='sweep.py', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split('\n\n', 2)[2])
+                              epilog=__doc__.split('\n\n', 3)[3])  # after the note on the file's size
   sub = p.add_subparsers(dest='command', required=True)
   r = sub.add_parser('run', help='run (or submit) every point of a sweep')
   r.add_argument('--root', required=True, help='the sweep directory: one workdir per point under it')

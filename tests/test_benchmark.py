@@ -128,7 +128,8 @@ def _run(args, timeout=240, **env):
 @pytest.fixture(scope='module')
 def cli_record():
   records = _run(['-m', 'vggjax.benchmark', *TINY, '--batch=4', '--dtype=float32', '--steps=2', '--repeats=2',
-                  '--warmup=1', '--eval-size=64', '--peak-tflops=0.5', '--json'], num_devices=2, **FAST_COMPILE)
+                  '--warmup=1', '--eval_size=64', '--peak_tflops=0.5', '--json'], num_devices=2,
+                 **FAST_COMPILE)
   assert len(records) == 1
   return records[0]
 
@@ -157,10 +158,17 @@ def test_cli_prints_json_with_every_field(cli_record):
 
 
 def test_cli_rejects_a_batch_the_devices_cannot_split():
-  proc = subprocess.run([sys.executable, '-m', 'vggjax.benchmark', *TINY, '--batch=3', '--eval-size=0'],
+  proc = subprocess.run([sys.executable, '-m', 'vggjax.benchmark', *TINY, '--batch=3', '--eval_size=0'],
                         cwd=REPO, capture_output=True, text=True, timeout=120,
                         env=subprocess_env(num_devices=2, **FAST_COMPILE))
   assert proc.returncode != 0 and 'multiple of the number of devices' in proc.stderr
+
+
+def test_dashed_flag_spellings_of_earlier_versions_are_accepted():
+  """TINY (dashed, shared with benchmarks/torch_reference.py) reaches vggjax.benchmark's underscore flags."""
+  names = {'image_size', 'fc_features', 'remat', 'json'}
+  argv = vb.undash(['prog', '--image-size=32', '--fc-features', '16', '--remat', '--json', '--a-b=1'], names)
+  assert argv == ['prog', '--image_size=32', '--fc_features', '16', '--remat', '--json', '--a-b=1']
 
 
 @pytest.mark.slow

@@ -55,6 +55,32 @@ def test_bad_config_fails_before_anything_compiles(tmp_path, override, message):
   assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
 
 
+@pytest.mark.parametrize('command,args,named', [
+    ('train', ['--workdir=W', '--bogus_flag=1'], 'bogus_flag'),
+    ('train', ['--workdir=W', '--config.optimizer.lr=-1'], 'config.optimizer.lr=-1.0'),
+    ('train', ['--workdir=W', '--config.optimizer.lrr=0.1'], "'lrr'"),
+    ('train', ['--workdir=W', '--config.model.width=abc'], "'abc'"),
+    ('benchmark', ['--bogus_flag=1'], 'bogus_flag'),
+    ('benchmark', ['--dtype=float16'], 'float16'),
+    ('benchmark', ['--model=vgg17'], "'vgg17'"),
+    ('benchmark', ['--batch=0'], "'0'"),
+    ('prepare', ['stats', '--bogus_flag=1'], 'bogus_flag'),
+    ('prepare', ['stats', '--config.data.scale_min=8'], 'config.data.scale_min=8'),
+    ('prepare', ['frobnicate'], "'frobnicate'"),
+])
+def test_bad_flag_or_config_is_one_line_and_exit_2(tmp_path, command, args, named):
+  """Every command's start: a bad flag or config value is one line on stderr naming it, exit status 2, no
+  traceback and nothing written."""
+  args = [a.replace('=W', f'={tmp_path / "run"}') for a in args]
+  p = subprocess.run([sys.executable, '-m', 'vggjax', command, *args], env=subprocess_env(),
+                     capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(f'vggjax {command}: error: '), p.stderr[-2000:]
+  assert named in lines[0], lines
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow
 def test_divergence_stops_with_the_step_and_quantity_keeping_good_checkpoints(tmp_path):
   env = cli_util.cli_env(None)

@@ -193,3 +193,22 @@ def test_bad_configurations_fail_clearly():
     pipeline.train_iterator(digits_cfg(scale_min=8), global_batch_size=64, seed=0)
   with pytest.raises(ValueError, match='unknown data.source'):
     pipeline.dataset_info(digits_cfg(source='nope'))
+
+
+def test_typed_settings_have_the_default_configs_fields_and_defaults():
+  """The settings types list the fields (nobody else does), and every default is configs/default.py's: a
+  partial config or an older run's config.json gets exactly those values."""
+  from vggjax import settings
+  from vggjax.configs import default
+  base = default.get_config()
+  for cls in (settings.DataSettings, settings.TrainSettings, settings.ModelSettings):
+    assert set(cls.field_names()) == set(base[cls.BLOCK]), cls
+    assert cls.from_config({}).to_dict() == cls.from_config(base[cls.BLOCK]).to_dict()
+  d = settings.DataSettings.from_config(digits_cfg(num_workers=3))
+  assert (d.num_workers, d.max_consecutive_bad) == (3, base.data.max_consecutive_bad) and d.jpeg_dct_scaling
+  assert settings.DataSettings.from_config(ml_collections.ConfigDict({'source': 'digits'})).num_workers == (
+      base.data.num_workers)
+  as_json = json.loads(json.dumps(base.data.to_dict()))  # lists where the config had tuples
+  assert settings.DataSettings.from_config(as_json) == settings.DataSettings.from_config(base.data)
+  assert settings.DataSettings.from_config(d) is d
+  assert d.validation_scale == pipeline.eval_scale(digits_cfg()) == 18  # (16 + 20) / 2

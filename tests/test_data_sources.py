@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import subprocess_env
+
 from vggjax import preprocessing
 from vggjax.data import pipeline, prepare, sources, transforms
 
@@ -119,6 +121,48 @@ def test_folder_pipeline_skips_and_reports_corrupt_files(photo_folder):
   evals = list(pipeline.eval_iterator(c, global_batch_size=4))
   mask = np.concatenate([b['mask'] for b in evals])
   assert mask.sum() == 6 and len(mask) == 8  # 7 records, 1 corrupt, 1 padding slot
+
+
+def test_skipped_counts_travel_with_the_batches_from_worker_processes(photo_folder):
+  """With Grain worker processes reading the records, the skips still reach this process with each batch:
+  the same counts as without workers."""
+  root, _ = photo_folder
+  it = pipeline.train_iterator(cfg(data_dir=str(root), num_workers=2), global_batch_size=17, seed=0)
+  try:
+    assert it.skipped == 0
+    next(it)
+    first = it.skipped
+    next(it)
+    counts = {pathlib.Path(p).name: n for p, n in it.bad_records.items()}
+  finally:
+    it.close()
+  assert counts == {'00b_truncated.jpg': 2, '01b_garbage.jpg': 2, '01c_empty.png': 4}
+  assert it.skipped == 8 and first == 4  # each epoch (one step here) skips 00b, 01b and 01c twice
+  evals = pipeline.eval_iterator(cfg(data_dir=str(root), num_workers=2), global_batch_size=4)
+  assert sum(b['mask'].sum() for b in evals) == 6 and evals.skipped == 1  # 14b_truncated.jpg
+
+
+@pytest.mark.slow
+def test_a_training_run_reports_the_skipped_images_in_its_metrics_and_summary(photo_folder, tmp_path):
+  """README: unreadable images are skipped, counted and reported: metrics.jsonl rows carry skipped_images
+  (training) and val_skipped_images (validation), the final line the run's total; with worker processes."""
+  root, _ = photo_folder
+  workdir = tmp_path / 'run'
+  p = subprocess.run(
+      [sys.executable, '-m', 'vggjax', 'train', f'--workdir={workdir}', '--config=demo',
+       '--config.data.source=folder', f'--config.data.data_dir={root}', '--config.data.image_size=32',
+       '--config.data.scale_min=32', '--config.data.scale_max=40', '--config.data.num_workers=2',
+       '--config.model.width=0.0625', '--config.model.fc_features=16', '--config.train.global_batch_size=17',
+       '--config.train.max_steps=2', '--config.train.log_every_steps=1', '--config.train.eval_every_steps=2',
+       '--config.train.plot=False', '--config.optimizer.schedule=constant'],
+      env=subprocess_env(num_devices=1), capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [1, 2]
+  assert [r.get('skipped_images') for r in train_rows] == [4, 4]  # 00b, 01b, 01c; 01c again for 01b
+  assert [r.get('val_skipped_images') for r in rows if 'val_top1' in r] == [1]  # 14b_truncated.jpg
+  assert '8 unreadable training images skipped' in p.stdout, p.stdout[-2000:]
 
 
 def test_too_many_unreadable_files_in_a_row_stop_the_run_naming_the_first(photo_folder):

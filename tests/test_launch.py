@@ -550,6 +550,22 @@ def _fake_run(workdir, *, steps, total, evals=(), max_steps=True, loss=2.0, eval
       json.dump(eval_json, f)
 
 
+def test_sweep_reads_run_directories_without_jax_through_the_trainers_step_count():
+  """launch/sweep.py runs on login nodes: the run-directory module it shares with the trainer (the step
+  count's one formula) imports nothing of JAX."""
+  code = ('import sys; sys.path.insert(0, "launch"); import sweep; from vggjax import rundir; '
+          'assert sweep.total_steps is rundir.run_total_steps; '
+          'heavy = [m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "numpy")]; '
+          'assert not heavy, heavy; '
+          'c = {"train": {"max_steps": 0, "num_epochs": 2.5, "global_batch_size": 32}, '
+          '"dataset": {"num_train": 1497}}; '
+          'assert sweep.total_steps(c) == int(2.5 * (1497 // 32)) == 115; '
+          'c["train"]["max_steps"] = 7; assert sweep.total_steps(c) == 7')
+  p = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                     env=subprocess_env())
+  assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_sweep_summary_of_run_directories(tmp_path, capsys):
   root = tmp_path / 'sweep'
   _fake_run(root / 'lr=0.01', steps=40, total=40, evals=[(20, 0.5, 0.8), (40, 0.7, 0.9)])

@@ -1,14 +1,17 @@
 """How fast the framework trains and evaluates, against the device's limit: images/s, achieved TFLOP/s, MFU.
 
-    python -m vggjax.benchmark --model=vgg16 --batch=256 --image-size=224 --dtype=bfloat16 --json
+Why one module of about 650 lines: the timing method, the FLOP count, the peak table, the memory search and
+the command are one measurement; benchmarks/torch_reference.py imports its parts to time PyTorch the same way.
+
+    python -m vggjax.benchmark --model=vgg16 --batch=256 --image_size=224 --dtype=bfloat16 --json
     python -m vggjax.benchmark --model=vgg16 --batch=128,256 --dtype=bfloat16 --remat
-    python -m vggjax.benchmark --model=vgg16 --dtype=bfloat16 --max-batch          # largest batch that fits
+    python -m vggjax.benchmark --model=vgg16 --dtype=bfloat16 --max_batch          # largest batch that fits
 
 It times the real jitted steps of vggjax.train on every available device (data parallel over the mesh):
 
 * the train step (make_train_step: uint8 in, colour shift and normalisation, forward, backward, SGD with
   momentum and L2 from the default config, the non-finite guard), with the state donated as in training;
-* the dense eval step (make_eval_step) on images larger than the training size (``--eval-size``, 384 for
+* the dense eval step (make_eval_step) on images larger than the training size (``--eval_size``, 384 for
   a 224 net): the network runs fully convolutionally and the class score map is averaged.
 
 Method: one batch of random uint8 images is put on the devices once (the input pipeline is not timed);
@@ -19,7 +22,7 @@ the clock is read. The step time is the median over repeats of (repeat time / st
 FLOPs are analytic (vggjax.models.flops: convolutions and FC layers): a training step counts 3x the
 forward pass (forward, and the two products of the backward pass), the dense eval counts the forward pass
 at the eval size. MFU = achieved FLOP/s / (the device's peak dense FLOP/s x devices); peaks are the
-vendors' dense figures in PEAK_TFLOPS (``--peak-tflops`` overrides; none on a CPU). Peak memory is the
+vendors' dense figures in PEAK_TFLOPS (``--peak_tflops`` overrides; none on a CPU). Peak memory is the
 device allocator's ``peak_bytes_in_use`` where the backend reports it (GPU, TPU) and the compiled
 executable's memory analysis everywhere.
 
@@ -29,7 +32,6 @@ benchmarks/torch_reference.py prints the same fields for the same step in PyTorc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import importlib.util
@@ -43,6 +45,8 @@ import sys
 import time
 import types
 from typing import Any, Callable, Sequence
+
+from vggjax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ('float32', 'bfloat16')
@@ -502,50 +506,64 @@ def verify_batch(opts: Options, per_device_batch: int, granularity: int = 8, tri
 
 # --- the command line -----------------------------------------------------------------------------------
 
-def _batches(text: str) -> list[int]:
+def _batches(values: str | list[str]) -> list[int]:
+  """The global batch sizes of --batch (a list, or the text '128,256': benchmarks/torch_reference.py)."""
+  values = values.split(',') if isinstance(values, str) else values
   try:
-    values = [int(v) for v in text.split(',') if v.strip()]
+    batches = [int(v) for v in values if v.strip()]
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--batch takes integers separated by commas, got {text!r}') from None
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f'--batch must be positive, got {text!r}')
-  return values
+    raise cli.CommandError(f'--batch takes integers separated by commas, got {",".join(values)!r}') from None
+  if not batches or min(batches) < 1:
+    raise cli.CommandError(f'--batch must be positive, got {",".join(values)!r}')
+  return batches
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m vggjax.benchmark', description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default='vgg16', help='vgg11 ... vgg19, *_bn, or A ... E (default vgg16)')
-  p.add_argument('--batch', type=_batches, default=[256],
-                 help='global batch (split over all devices); several separated by commas')
-  p.add_argument('--image-size', type=int, default=224, help='training resolution (default 224)')
-  p.add_argument('--dtype', choices=DTYPES, default='bfloat16', help='compute dtype (params stay float32)')
-  p.add_argument('--num-classes', type=int, default=1000)
-  p.add_argument('--width', type=float, default=1.0, help='multiplier of the layer widths (narrow nets)')
-  p.add_argument('--fc-features', type=int, default=0, help='width of fc6/fc7 (0: 4096 x width)')
-  p.add_argument('--remat', action='store_true', help='recompute conv activations in the backward pass')
-  p.add_argument('--steps', type=int, default=10, help='back-to-back steps per timed repeat')
-  p.add_argument('--repeats', type=int, default=3, help='timed repeats (the median is reported)')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
-  p.add_argument('--eval-size', type=int, default=None,
-                 help='dense-eval image size (default 384 for a 224 net; 0: no eval step)')
-  p.add_argument('--eval-batch', type=int, default=0, help='dense-eval global batch (0: the train batch)')
-  p.add_argument('--peak-tflops', type=float, default=0.0,
-                 help='peak dense TFLOP/s of one device for MFU (default: the table; none on CPU)')
-  p.add_argument('--color-shift', type=float, default=0.1, help='PCA lighting std, as in training')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--max-batch', action='store_true',
-                 help='find the largest per-device batch whose train step fits in device memory instead')
-  p.add_argument('--memory-limit-gb', type=float, default=0.0,
-                 help='device memory for --max-batch in GiB (default: the allocator limit; needed on CPU)')
-  p.add_argument('--granularity', type=int, default=8, help='--max-batch: search in multiples of this')
-  p.add_argument('--verify', action='store_true',
-                 help='--max-batch: also run the step at the batch found (lower while out of memory)')
-  p.add_argument('--num-cpu-devices', type=int, default=0,
-                 help='virtual CPU devices (0: VGGJAX_NUM_CPU_DEVICES or 1)')
-  p.add_argument('--json', action='store_true', help='one JSON object per configuration on stdout')
-  p.add_argument('--out', default='', help='also append the JSON objects to this file (one per line)')
-  return p
+def _define_flags() -> dict:
+  from absl import flags
+  f = {}
+  f['model'] = flags.DEFINE_string('model', 'vgg16', 'vgg11 ... vgg19, *_bn, or A ... E.')
+  f['batch'] = flags.DEFINE_list('batch', ['256'], 'Global batch (split over all devices); several separated '
+                                 'by commas.')
+  f['image_size'] = flags.DEFINE_integer('image_size', 224, 'Training resolution.')
+  f['dtype'] = flags.DEFINE_enum('dtype', 'bfloat16', list(DTYPES), 'Compute dtype (params stay float32).')
+  f['num_classes'] = flags.DEFINE_integer('num_classes', 1000, 'Classes of the last layer.')
+  f['width'] = flags.DEFINE_float('width', 1.0, 'Multiplier of the layer widths (narrow nets).')
+  f['fc_features'] = flags.DEFINE_integer('fc_features', 0, 'Width of fc6/fc7 (0: 4096 x width).')
+  f['remat'] = flags.DEFINE_bool('remat', False, 'Recompute conv activations in the backward pass.')
+  f['steps'] = flags.DEFINE_integer('steps', 10, 'Back-to-back steps per timed repeat.')
+  f['repeats'] = flags.DEFINE_integer('repeats', 3, 'Timed repeats (the median is reported).')
+  f['warmup'] = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  f['eval_size'] = flags.DEFINE_integer('eval_size', None, 'Dense-eval image size (default 384 for a 224 '
+                                        'net; 0: no eval step).')
+  f['eval_batch'] = flags.DEFINE_integer('eval_batch', 0, 'Dense-eval global batch (0: the train batch).')
+  f['peak_tflops'] = flags.DEFINE_float('peak_tflops', 0.0, 'Peak dense TFLOP/s of one device for MFU '
+                                        '(default: the table; none on CPU).')
+  f['color_shift'] = flags.DEFINE_float('color_shift', 0.1, 'PCA lighting std, as in training.')
+  f['seed'] = flags.DEFINE_integer('seed', 0, 'Seed of the random batch and the initialisation.')
+  f['max_batch'] = flags.DEFINE_bool('max_batch', False, 'Find the largest per-device batch whose train step '
+                                     'fits in device memory instead.')
+  f['memory_limit_gb'] = flags.DEFINE_float('memory_limit_gb', 0.0, 'Device memory for --max_batch in GiB '
+                                            '(default: the allocator limit; needed on CPU).')
+  f['granularity'] = flags.DEFINE_integer('granularity', 8, '--max_batch: search in multiples of this.')
+  f['verify'] = flags.DEFINE_bool('verify', False, '--max_batch: also run the step at the batch found (lower '
+                                  'while out of memory).')
+  f['num_cpu_devices'] = flags.DEFINE_integer('num_cpu_devices', 0, 'Virtual CPU devices (0: '
+                                              'VGGJAX_NUM_CPU_DEVICES or 1).')
+  f['json'] = flags.DEFINE_bool('json', False, 'One JSON object per configuration on stdout.')
+  f['out'] = flags.DEFINE_string('out', '', 'Also append the JSON objects to this file (one per line).')
+  return f
+
+
+def undash(argv: Sequence[str], names) -> list[str]:
+  """--image-size=224 as --image_size=224 for the flags in `names`: the spellings of earlier versions, which
+  benchmarks/torch_reference.py shares (benchmarks/gpu.sh passes one argument list to both)."""
+  out = list(argv[:1])
+  for arg in argv[1:]:
+    flag, eq, value = arg.partition('=')
+    if flag.startswith('--') and flag[2:].replace('-', '_') in names:
+      arg = '--' + flag[2:].replace('-', '_') + eq + value
+    out.append(arg)
+  return out
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -575,60 +593,71 @@ def summary(r: dict) -> str:
   return '\n'.join(lines)
 
 
-def _setup_devices(num_cpu_devices: int) -> None:
-  import jax
-  n = num_cpu_devices or int(os.environ.get('VGGJAX_NUM_CPU_DEVICES', '0') or 0)
-  if n:
-    jax.config.update('jax_num_cpu_devices', n)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parser().parse_args(argv)
-  _setup_devices(args.num_cpu_devices)
+def main(argv, flag_holders) -> None:
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:  # the output is the summary (or JSON): no library INFO lines
+    logging.set_verbosity(logging.WARNING)
+  f = cli.start_command(argv, flag_holders)
   import jax
   from vggjax import models
   try:
-    models.canonical_name(args.model)
+    models.canonical_name(f['model'])
   except ValueError as e:
-    parser().error(str(e))
-  base = Options(model=args.model, image_size=args.image_size, dtype=args.dtype, num_classes=args.num_classes,
-                 width=args.width, fc_features=args.fc_features, remat=args.remat, steps=args.steps,
-                 repeats=args.repeats, warmup=args.warmup, eval_size=args.eval_size,
-                 eval_batch=args.eval_batch, peak_tflops=args.peak_tflops, color_shift=args.color_shift,
-                 seed=args.seed)
+    raise cli.CommandError(f'--model={f["model"]}: {e}') from None
+  batches = _batches(f['batch'])
+  if jax.process_count() == 1:
+    bad = [b for b in batches if b % jax.device_count()]
+    if bad and not f['max_batch']:
+      raise cli.CommandError(f'--batch={",".join(map(str, bad))}: a global batch must be a multiple of the '
+                             f'number of devices ({jax.device_count()})')
+  base = Options(model=f['model'], image_size=f['image_size'], dtype=f['dtype'], num_classes=f['num_classes'],
+                 width=f['width'], fc_features=f['fc_features'], remat=f['remat'], steps=f['steps'],
+                 repeats=f['repeats'], warmup=f['warmup'], eval_size=f['eval_size'],
+                 eval_batch=f['eval_batch'], peak_tflops=f['peak_tflops'], color_shift=f['color_shift'],
+                 seed=f['seed'])
 
   def emit(record: dict) -> None:
     line = json.dumps(record)
-    if args.json:
+    if f['json']:
       print(line, flush=True)
-    if args.out:
-      with open(args.out, 'a') as f:
-        f.write(line + '\n')
+    if f['out']:
+      with open(f['out'], 'a') as out:
+        out.write(line + '\n')
 
-  if args.max_batch:
-    limit = int(args.memory_limit_gb * GIB) if args.memory_limit_gb else device_memory()['limit_bytes']
+  if f['max_batch']:
+    limit = int(f['memory_limit_gb'] * GIB) if f['memory_limit_gb'] else device_memory()['limit_bytes']
     if not limit:
-      parser().error('this backend reports no memory limit: give --memory-limit-gb')
-    print(f'largest per-device batch for {args.model} {args.dtype} {args.image_size}px'
-          f'{" remat" if args.remat else ""}, limit {limit / GIB:.2f} GiB:', file=sys.stderr)
-    found = max_batch_size(base, limit, args.granularity, log=lambda s: print(s, file=sys.stderr))
+      raise cli.CommandError('this backend reports no memory limit: give --memory_limit_gb')
+    print(f'largest per-device batch for {f["model"]} {f["dtype"]} {f["image_size"]}px'
+          f'{" remat" if f["remat"] else ""}, limit {limit / GIB:.2f} GiB:', file=sys.stderr)
+    found = max_batch_size(base, limit, f['granularity'], log=lambda s: print(s, file=sys.stderr))
     env = _environment(_build(dataclasses.replace(base, batch=len(jax.devices())))[0], base)
-    record = {**env, 'model': args.model, 'width': args.width, 'image_size': args.image_size,
-              'dtype': args.dtype, 'remat': args.remat, 'max_batch': found}
+    record = {**env, 'model': f['model'], 'width': f['width'], 'image_size': f['image_size'],
+              'dtype': f['dtype'], 'remat': f['remat'], 'max_batch': found}
     print(f'  -> {found["max_per_device_batch"]} per device ({_fmt_bytes(found["bytes_at_max"])})',
           file=sys.stderr)
-    if args.verify:
-      record['max_batch']['verified'] = verify_batch(base, found['max_per_device_batch'], args.granularity,
+    if f['verify']:
+      record['max_batch']['verified'] = verify_batch(base, found['max_per_device_batch'], f['granularity'],
                                                      log=lambda s: print(s, file=sys.stderr))
     emit(record)
-    return 0
+    return
 
-  for b in args.batch:
+  for b in batches:
     record = run_benchmark(dataclasses.replace(base, batch=b))
-    print(summary(record), file=sys.stderr if args.json else sys.stdout, flush=True)
+    print(summary(record), file=sys.stderr if f['json'] else sys.stdout, flush=True)
     emit(record)
-  return 0
+
+
+def _define_flags_accepting_dashes() -> dict:
+  holders = _define_flags()
+  sys.argv[:] = undash(sys.argv, holders)  # in place: the list run_command parses
+  return holders
+
+
+def run() -> None:
+  """The command line (`vggjax benchmark`, `python -m vggjax.benchmark`)."""
+  cli.run_command(_define_flags_accepting_dashes, main)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

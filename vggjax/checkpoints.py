@@ -16,19 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vggjax import models
+from vggjax import models, rundir, settings
 from vggjax.preprocessing import Normalization
 
 META_FILE = 'vggjax.json'
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
 MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
+# The items of a training checkpoint step directory (WORKDIR/checkpoints/<step>/<item>).
+STATE_ITEM, DATA_ITEM, HOST_ITEM = 'state', 'data', 'host'
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -56,15 +58,15 @@ def save_weights(directory: str | os.PathLike, variables: Mapping, meta: Mapping
 
 def meta_from_config(config: Mapping) -> dict:
   """Weights metadata from a training run's resolved config (a dict as in WORKDIR/config.json)."""
-  m, d = config['model'], config['data']
+  m = settings.ModelSettings.from_config(config['model'])  # an older run's missing fields: the defaults
+  d = settings.DataSettings.from_config(config['data'])
   return {
-      'model': {'name': m['name'], 'num_classes': m['num_classes'], 'image_size': d['image_size'],
-                'width': m.get('width', 1.0), 'fc_features': m.get('fc_features', 0) or None},
-      'normalization': Normalization.from_rgb(d['mean_rgb'], d['std_rgb'],
-                                              d.get('color_order', 'RGB')).to_dict(),
+      'model': {'name': m.name, 'num_classes': m.num_classes, 'image_size': d.image_size,
+                'width': m.width, 'fc_features': m.fc_features or None},
+      'normalization': Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.color_order).to_dict(),
       'source': 'vggjax training run',
       'labels': config.get('labels'),
-      'data': {'scale_min': d['scale_min'], 'scale_max': d['scale_max']},
+      'data': {'scale_min': d.scale_min, 'scale_max': d.scale_max},
   }
 
 
@@ -95,12 +97,12 @@ def _resolve(path: str | os.PathLike) -> tuple[str, epath.Path, int | None]:
   p = absolute(path)
   if (p / META_FILE).exists():
     return 'weights', p, None
-  if (p / 'config.json').exists():
+  if (p / rundir.CONFIG_FILE).exists():
     step = latest_step(p)
     if step is None:
       raise FileNotFoundError(f'{p} is a training run with no complete checkpoint in {p / CHECKPOINT_DIR}')
     return 'run', p, step
-  if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / 'config.json').exists():
+  if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / rundir.CONFIG_FILE).exists():
     return 'run', p.parent.parent, int(p.name)
   raise FileNotFoundError(
       f'{p} is neither a weights directory (with {META_FILE}), a training workdir (with config.json and '
@@ -112,7 +114,7 @@ def load_meta(path: str | os.PathLike) -> dict:
   kind, directory, step = _resolve(path)
   if kind == 'weights':
     return json.loads((directory / META_FILE).read_text())
-  meta = meta_from_config(json.loads((directory / 'config.json').read_text()))
+  meta = meta_from_config(json.loads((directory / rundir.CONFIG_FILE).read_text()))
   meta['step'] = step
   return meta
 
@@ -129,8 +131,82 @@ def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('pa
   want = {c: shapes[c] for c in collections if c in shapes}
   as_numpy = lambda t: jax.tree_util.tree_map(  # noqa: E731
       lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), t)
-  source = directory / 'variables' if kind == 'weights' else directory / CHECKPOINT_DIR / str(step) / 'state'
+  source = (directory / 'variables' if kind == 'weights' else
+            directory / CHECKPOINT_DIR / str(step) / STATE_ITEM)
   restored = ocp.PyTreeCheckpointer().restore(source, args=ocp.args.PyTreeRestore(
       item=want, restore_args=as_numpy(want), partial_restore=True))
   logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
   return dict(restored), meta
+
+
+class _IteratorState:
+  """Adapts the input iterator to Grain's Orbax handler (one JSON file per process in each checkpoint)."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    state = self.iterator.get_state()
+    return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    try:
+      self.iterator.set_state(state)
+    except (TypeError, ValueError, AttributeError):
+      self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class TrainCheckpointer:
+  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+    self._ocp, self._grain = ocp, grain.checkpoint
+    directory = absolute(workdir) / CHECKPOINT_DIR
+    self.manager = ocp.CheckpointManager(
+        directory,
+        # A step directory is written under a temporary name and renamed when complete: a run killed
+        # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True, cleanup_tmp_directories=True),
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       HOST_ITEM: ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, iterator, host: dict) -> None:
+    ocp = self._ocp
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: self._grain.CheckpointSave(_IteratorState(iterator)), HOST_ITEM: ocp.args.JsonSave(host)}),
+        force=True)
+
+  def restore(self, step: int, abstract_state, iterator) -> tuple[Any, dict]:
+    ocp = self._ocp
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        DATA_ITEM: self._grain.CheckpointRestore(_IteratorState(iterator)),
+        HOST_ITEM: ocp.args.JsonRestore()}))
+    return restored[STATE_ITEM], dict(restored[HOST_ITEM])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def resave(self, step: int, state, iterator, host: dict) -> None:
+    """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
+    self.manager.wait_until_finished()
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
+    self.save(step, state, iterator, host)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

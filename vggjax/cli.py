@@ -4,6 +4,7 @@ heavy: it runs before JAX is touched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -15,7 +16,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 
 
-class ConfigNotFound(ValueError):
+
+
+EXIT_BAD_INPUT = 2  # a bad flag, a bad config field, stray arguments (absl's UsageError)
+
+
+class CommandError(ValueError):
+  """Bad input to a command (a flag or config value): reported as one line on stderr, exit status 2."""
+
+
+class ConfigNotFound(CommandError):
   """A --config names no file in the working directory and no installed config."""
 
 
@@ -56,8 +66,7 @@ def resolve_config_args(argv: list[str]) -> None:
       elif arg == '--config' and i + 1 < len(argv):
         argv[i + 1] = resolve_config(argv[i + 1])
     except ConfigNotFound as e:
-      sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
-      sys.exit(2)
+      fail(e)
 
 
 def add_config_roots(argv) -> None:
@@ -97,25 +106,118 @@ def quiet_libraries() -> None:
       handler.addFilter(QuietLibraries())
 
 
-def run_command(define_flags, main) -> None:
-  """The absl entry point of a command whose flags `define_flags()` returns as {name: holder}: config roots
-  on sys.path (--config as a path or an installed name), then `main(argv, flag_holders=holders)`."""
+def program() -> str:
+  """The command's name for messages: 'vggjax train' (set by `main`), 'python -m vggjax.data.prepare' (a
+  module of the package run with -m) or the script's file name."""
+  name = sys.argv[0] if sys.argv else 'vggjax'
+  if name.startswith('vggjax'):
+    return name
+  path = pathlib.Path(name).resolve()
+  package = pathlib.Path(__file__).resolve().parent
+  if path.suffix == '.py' and package in path.parents:
+    return 'python -m ' + '.'.join(('vggjax', *path.relative_to(package).with_suffix('').parts))
+  return os.path.basename(name)
+
+
+def fail(message) -> None:
+  """Exits with EXIT_BAD_INPUT after one line on stderr naming the command and what was wrong (no
+  traceback, no usage text: the line says what is allowed)."""
+  line = ' '.join(str(message).split()) or type(message).__name__
+  sys.stderr.write(f'{program()}: error: {line}\n')
+  sys.stderr.flush()
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags_parser for every command: an unknown flag, a bad value or a missing required flag is one
+  line (absl's own prints two and exits 1)."""
+  from absl import flags
+  with flag_errors():
+    return flags.FLAGS(argv)
+
+
+@contextlib.contextmanager
+def flag_errors():
+  """Defining and parsing flags: a bad one (ml_collections checks --config.FIELD overrides already when
+  the config flag is defined) is `fail`'s one line."""
+  from absl import flags
+  try:
+    yield
+  except flags.Error as e:
+    fail(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
+    text = str(e.args[0] if e.args else e)
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's repr of its message
+      text = text[1:-1].replace('\\n', ' ').replace("\\'", "'")
+    fail(f'a --config.FIELD override names no field of the config: {text}')
+
+
+def one_line_errors(main):
+  """`main` with its bad-input exceptions (absl's UsageError, CommandError and so config_lib.ConfigError)
+  turned into `fail`'s one line and exit 2."""
   import functools
   from absl import app
-  add_config_roots(sys.argv)
-  holders = define_flags()
-  app.run(functools.partial(main, flag_holders=holders))
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except (app.UsageError, CommandError) as e:
+      fail(e)
+  return wrapped
 
 
-def start_command(argv, flag_holders) -> dict:
-  """What a command's main does first: refuse stray arguments, quiet the libraries, set up virtual CPU
-  devices (its --num_cpu_devices flag). Returns the flags' values by name."""
+def run_command(define_flags, main, *, argv: list[str] | None = None) -> None:
+  """The entry point of every command: --config resolved (a path or an installed name) and config roots
+  on sys.path, the flags `define_flags()` returns as {name: holder} parsed (one line and exit 2 for a bad
+  one), then `main(argv, flag_holders=holders)`, whose bad input is one line and exit 2 as well."""
+  import functools
   from absl import app
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  argv = sys.argv if argv is None else argv
+  add_config_roots(argv)
+  with flag_errors():
+    holders = define_flags()
+  app.run(functools.partial(one_line_errors(main), flag_holders=holders), argv=argv, flags_parser=parse_flags)
+
+
+def define_process_flags() -> dict:
+  """The flags of a command that runs on every process of a multi-process job (and on virtual CPU devices);
+  `start_command` acts on them."""
+  from absl import flags
+  return {
+      'coordinator_address': flags.DEFINE_string('coordinator_address', '',
+                                                 'HOST:PORT of process 0 (multi-process runs).'),
+      'num_processes': flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process runs).'),
+      'process_id': flags.DEFINE_integer('process_id', -1, 'This process\'s index (multi-process runs).'),
+      'num_cpu_devices': flags.DEFINE_integer(
+          'num_cpu_devices', 0, 'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).'),
+  }
+
+
+def start_command(argv, flag_holders, *, max_args: int = 0, check=None) -> dict:
+  """What a command's main does first: refuse stray arguments (more than `max_args` positional ones), quiet
+  the libraries, set up virtual CPU devices (its --num_cpu_devices flag), run `check(values)` (the config's
+  validation: before anything waits for other processes or compiles) and, where the command has the process
+  flags (define_process_flags), join the other processes (or a detected cluster's) and keep all but process
+  0 to warnings. Returns the flags' values by name."""
+  from absl import app
+  if len(argv) > 1 + max_args:
+    raise app.UsageError(f'unexpected arguments: {argv[1 + max_args:]}')
   quiet_libraries()
   values = {k: v.value for k, v in flag_holders.items()}
   set_cpu_devices(values.get('num_cpu_devices', 0))
+  if check is not None:
+    check(values)
+  if 'coordinator_address' in values:
+    from absl import logging
+    from vggjax import parallel
+    try:
+      parallel.initialize(values['coordinator_address'], values['num_processes'], values['process_id'])
+    except ValueError as e:
+      raise CommandError(str(e)) from None
+    import jax
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)
   return values
 
 
@@ -167,13 +269,9 @@ def main(argv: list[str] | None = None) -> None:
   sys.argv = [f'vggjax {command}', *argv[2:]]
   add_config_roots(sys.argv)
   module = importlib.import_module(COMMANDS[command][0])
-  if command == 'prepare':
-    module.main(sys.argv)
-  elif command == 'benchmark':
-    sys.exit(module.main(sys.argv[1:]))
-  elif hasattr(module, 'run'):
-    module.run()
+  if hasattr(module, 'run'):
+    module.run()  # run_command: one skeleton
   else:
     from absl import app
     module._define_flags()
-    app.run(module.main)
+    app.run(one_line_errors(module.main), flags_parser=parse_flags)

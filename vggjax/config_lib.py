@@ -10,16 +10,15 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from vggjax import models, optim
-from vggjax.data.pipeline import eval_scale  # noqa: F401  (one definition: the data layer's)
+from vggjax import cli, models, optim, rundir, settings
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
 DTYPES = ('float32', 'bfloat16')
 NAN_POLICIES = ('stop', 'skip')
 
 
-class ConfigError(ValueError):
-  """A config field has a bad value."""
+class ConfigError(cli.CommandError):
+  """A config field has a bad value (a command reports it in one line and exits 2)."""
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -88,7 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_pca(d: ml_collections.ConfigDict) -> None:
   """data.pca_eigval (3 non-negative values) and data.pca_eigvec (3 rows of 3: eigenvectors as columns)."""
   import numpy as np
-  val, vec = d.get('pca_eigval', (1, 1, 1)), d.get('pca_eigvec', ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+  defaults = settings.default_config().data
+  val, vec = d.get('pca_eigval', defaults.pca_eigval), d.get('pca_eigvec', defaults.pca_eigvec)
   ok = len(val) == 3
   try:
     ok = ok and all(float(v) >= 0 for v in val)
@@ -108,21 +108,21 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
   m, t = config.model, config.train
   from vggjax import train  # the layer-spec parsers (imported here: train imports this module lazily)
   try:
-    layers = train.parse_init_layers(config.get('init_layers', 'paper'))
+    layers = train.parse_init_layers(settings.value(config, 'init_layers'))
   except ValueError as e:
     raise ConfigError(f'config.init_layers={config.init_layers!r} is not valid: {e}') from None
   if config.init_from and layers != 'all':
     bad = [n for n in layers if n not in models.layer_names(m.name) and not n.startswith('bn')]
     _check(not bad, 'init_layers', config.init_layers,
            f"'paper', 'all' or layer names of {m.name}: {', '.join(models.layer_names(m.name))}")
-  patterns = optim.parse_patterns(t.get('trainable', ''))
+  patterns = optim.parse_patterns(t.get('trainable', settings.default_config().train.trainable))
   known = models.layer_names(m.name)
   for p in patterns:  # names of other heads are checked against the built model in train
     _check(any(c in p for c in '*?[') or p in known or not p.startswith(('conv', 'fc', 'bn')),
            'train.trainable', t.trainable,
            f'comma-separated layer-name patterns (fc*, conv5_*, fc8); {p!r} is not a layer of {m.name}: '
            f'{", ".join(known)}')
-  k = t.get('accumulate_steps', 1)
+  k = t.get('accumulate_steps', settings.default_config().train.accumulate_steps)
   _check(isinstance(k, int) and k >= 1 and t.global_batch_size % k == 0, 'train.accumulate_steps', k,
          f'a positive divisor of train.global_batch_size ({t.global_batch_size}): equal micro-batches')
 
@@ -130,7 +130,7 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
 def check_init_required(config: ml_collections.ConfigDict) -> None:
   """A config that continues another run (the :384 and :jitter steps of the paper's chain set init_required)
   needs init_from. Checked when training starts (planning and evaluating with such a config need none)."""
-  required = config.get('init_required', '')
+  required = settings.value(config, 'init_required')
   _check(not required or bool(config.init_from), 'init_from', config.init_from,
          f'this config continues {required}: --config.init_from=THAT_RUN (a workdir or weights directory). '
          f'To train from scratch at lr {config.optimizer.lr} anyway, set --config.init_required=\'\'')
@@ -140,12 +140,17 @@ def _validate_head(config: ml_collections.ConfigDict) -> None:
   """model.head (optional, default 'classify'): a box head (scr, pcr: paper Appendix A) trains on boxes."""
   from vggjax import localization_model
   from vggjax.data import boxes_source
-  head = config.model.get('head', 'classify')
+  head = config.model.get('head', settings.default_config().model.head)
   _check(head in localization_model.HEADS, 'model.head', head, 'one of ' + ', '.join(localization_model.HEADS))
   if head != 'classify':
-    _check(boxes_source.has_boxes(config.data), 'data.boxes_file', config.data.get('boxes_file', ''),
+    _check(boxes_source.has_boxes(config.data), 'data.boxes_file', config.data.get('boxes_file'),
            f'a boxes file (data.source=folder) or data.bbox_key (source=tfds): model.head={head} regresses '
            f'boxes')
+
+
+def eval_scale(data) -> int:
+  """Q for validation during training (settings.DataSettings.validation_scale)."""
+  return settings.DataSettings.from_config(data).validation_scale
 
 
 def resolve(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
@@ -156,7 +161,7 @@ def resolve(config: ml_collections.ConfigDict, num_classes: int) -> ml_collectio
   elif config.model.num_classes != num_classes:
     raise ConfigError(f'config.model.num_classes={config.model.num_classes} but the dataset has '
                       f'{num_classes} classes')
-  config.data.eval_scale = eval_scale(config.data)
+  config.data.eval_scale = settings.DataSettings.from_config(config.data).validation_scale
   return config
 
 
@@ -169,10 +174,10 @@ def write(config: ml_collections.ConfigDict, workdir, extra: dict | None = None)
   d = json.loads(to_json(config))
   d.update(extra or {})
   text = json.dumps(d, indent=2, sort_keys=True)
-  path = epath.Path(workdir) / 'config.json'
+  path = epath.Path(workdir) / rundir.CONFIG_FILE
   if '://' in str(path):
     path.write_text(text)
     return
-  tmp = path.with_name('config.json.tmp')
+  tmp = path.with_name(rundir.CONFIG_FILE + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)

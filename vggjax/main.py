@@ -22,58 +22,53 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from vggjax import cli  # noqa: E402  (light: nothing of JAX yet)
 
-DEMO_CONFIG = cli.config_file('demo')
-cli.add_config_roots(sys.argv)
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(DEMO_CONFIG), 'A config file PATH[:ARG] (relative to the working directory, '
-    'else an installed config: configs/vgg16.py:jitter or vgg16:jitter); the built-in demo if not given. '
-    'Override fields with --config.FIELD=VALUE.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory: config, metrics, checkpoints, plots.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-process runs).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process runs).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index (multi-process runs).')
-_NUM_CPU_DEVICES = flags.DEFINE_integer('num_cpu_devices', 0,
-                                        'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).')
-flags.mark_flags_as_required(['workdir'])
+EXIT_NON_FINITE = 3  # train.nan_policy=stop ended the run (the last good checkpoint is kept)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
-  cli.set_cpu_devices(_NUM_CPU_DEVICES.value)
-  from vggjax import checkpoints, config_lib, parallel, train  # after flags: nothing has touched a device yet
+def _define_flags() -> dict:
+  from absl import flags
+  from ml_collections import config_flags
+  f = {'config': config_flags.DEFINE_config_file(
+      'config', str(cli.config_file('demo')), 'A config file PATH[:ARG] (relative to the working directory, '
+      'else an installed config: configs/vgg16.py:jitter or vgg16:jitter); the built-in demo if not given. '
+      'Override fields with --config.FIELD=VALUE.', lock_config=True)}
+  f['workdir'] = flags.DEFINE_string('workdir', None,
+                                     'The run directory: config, metrics, checkpoints, plots.')
+  f.update(cli.define_process_flags())
+  flags.mark_flags_as_required(['workdir'])
+  return f
 
-  config = _CONFIG.value
-  try:
-    config_lib.validate(config)  # before anything compiles
-    config_lib.check_init_required(config)  # the :384 and :jitter configs continue another run
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e))
-  parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
+
+def main(argv, flag_holders) -> None:
+  def check(values):  # before anything compiles (a bad field: one line, exit 2)
+    from vggjax import config_lib
+    config_lib.validate(values['config'])
+    config_lib.check_init_required(values['config'])  # the :384 and :jitter configs continue another run
+
+  f = cli.start_command(argv, flag_holders, check=check)  # then joins the other processes
+  config = f['config']
+  import jax
+  from absl import logging
+  from vggjax import checkpoints, train
   logging.info('JAX %s: process %d of %d, %d local / %d devices (%s)', jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = train.train_and_evaluate(config, f['workdir'])
   except train.NonFiniteError as e:
     logging.error('%s', e)
-    sys.exit(3)
+    sys.exit(EXIT_NON_FINITE)
   if jax.process_index() == 0:
     m = result.metrics
     summary = (f'val top-1 {m["val_top1"]:.4f}, top-5 {m["val_top5"]:.4f}' if m else 'no evaluation')
+    if result.skipped_images:
+      summary += (f'; {result.skipped_images} unreadable training images skipped (each replaced by the next '
+                  f'readable one; metrics.jsonl: skipped_images)')
     print(f'{"preempted" if result.preempted else "done"} at step {result.step} (epoch {result.epoch:.2f}): '
-          f'{summary}; run directory {checkpoints.absolute(_WORKDIR.value)}', flush=True)
+          f'{summary}; run directory {checkpoints.absolute(f["workdir"])}', flush=True)
 
 
-def run():
-  app.run(main)
+def run() -> None:
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':

@@ -59,8 +59,18 @@ def detect_cluster() -> str | None:
   return None
 
 
+_STARTED: list[bool] = []  # the result of the first `initialize` in this process
+
+
 def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> bool:
-  """Joins the processes of a multi-process run; returns True if it did. Call before any device query."""
+  """Joins the processes of a multi-process run; returns True if it did. Call before any device query. A
+  second call (a command's start, then a library function's) returns the first call's result."""
+  if not _STARTED:
+    _STARTED.append(_initialize(coordinator_address, num_processes, process_id))
+  return _STARTED[0]
+
+
+def _initialize(coordinator_address: str, num_processes: int, process_id: int) -> bool:
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 1 and 0 <= process_id < num_processes):
       raise ValueError(
@@ -105,6 +115,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Assembles each process's slice of the batch into global arrays sharded on 'data'."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def sum_over_processes(count: int) -> int:
+  """The sum of an integer over all processes (each must call it at the same point); itself on one."""
+  if jax.process_count() == 1:
+    return int(count)
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def to_host(tree: Any) -> Any:

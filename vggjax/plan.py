@@ -1,5 +1,9 @@
 """Will it fit, how fast, how long: the real steps compiled for a TPU slice without the hardware.
 
+Why one module of about 1,000 lines: the plan is one pipeline (slice topology, abstract train state, compilation,
+memory, FLOPs and collectives of the compiled programs, roofline, schedule, report) whose parts share the
+compiled executables and the target's figures and have no use apart; split up, each part would import the rest.
+
     python -m vggjax.plan --config=configs/vgg16.py --topology=v5litepod-16
     python -m vggjax.plan --config=configs/vgg16.py:jitter --topology=v5p-128 --num_slices=2 --json
     python -m vggjax.plan --config=configs/vgg19.py --topology=v5litepod-8 --max_batch --workdir=plans/E
@@ -226,36 +230,33 @@ class Steps:
 
   @classmethod
   def build(cls, config, mesh) -> 'Steps':
-    from vggjax import optim, train
-    t = config.train
+    from vggjax import optim, settings, train
+    t = settings.TrainSettings.from_config(config.train)
     model = train.build_model(config)
-    tx = optim.make_optimizer(config.optimizer, **_supported(optim.make_optimizer,
-                                                             trainable=t.get('trainable', '')))
+    tx = optim.make_optimizer(config.optimizer, **_supported(optim.make_optimizer, trainable=t.trainable))
     return cls(config=config, mesh=mesh, model=model, eval_model=train.build_model(config, dropout_rate=0.0),
-               tx=tx, norm=train.normalization(config), accumulate_steps=int(t.get('accumulate_steps', 1)))
+               tx=tx, norm=train.normalization(config), accumulate_steps=t.accumulate_steps)
 
   def train_step(self, remat: bool | None = None, accumulate_steps: int | None = None):
-    from vggjax import train
-    c, t = self.config, self.config.train
+    from vggjax import settings, train
+    d = settings.DataSettings.from_config(self.config.data)
+    m = settings.ModelSettings.from_config(self.config.model)
+    t = settings.TrainSettings.from_config(self.config.train)
     k = self.accumulate_steps if accumulate_steps is None else accumulate_steps
-    pca = {}
-    if hasattr(train, 'IMAGENET_EIGVAL'):  # the colour shift's PCA of the data, as the trainer passes it
-      pca = dict(eigval=tuple(c.data.get('pca_eigval', train.IMAGENET_EIGVAL)),
-                 eigvec=tuple(map(tuple, c.data.get('pca_eigvec', train.IMAGENET_EIGVEC))))
-    kwargs = _supported(train.make_train_step, norm=self.norm, color_shift=c.data.color_shift,
-                        remat=c.model.remat if remat is None else remat, nan_policy=t.nan_policy,
-                        accumulate_steps=k, head=c.model.get('head', 'classify'), **pca)
+    kwargs = _supported(train.make_train_step, norm=self.norm, color_shift=d.color_shift,
+                        remat=m.remat if remat is None else remat, nan_policy=t.nan_policy,
+                        accumulate_steps=k, head=m.head, eigval=d.pca_eigval, eigvec=d.pca_eigvec)
     return train.make_train_step(self.model, self.tx, self.mesh, **kwargs)
 
   def eval_step(self):
-    from vggjax import train
-    kwargs = _supported(train.make_eval_step, head=self.config.model.get('head', 'classify'))
+    from vggjax import settings, train
+    kwargs = _supported(train.make_eval_step, head=settings.ModelSettings.from_config(self.config.model).head)
     return train.make_eval_step(self.eval_model, self.mesh, self.norm, **kwargs)
 
   def dense_step(self):
     import jax
-    from vggjax import evaluate, parallel
-    flip = bool(self.config.data.get('flip', True))
+    from vggjax import evaluate, parallel, settings
+    flip = settings.DataSettings.from_config(self.config.data).flip
     return jax.jit(functools.partial(evaluate.dense_posteriors, self.eval_model, norm=self.norm, flip=flip),
                    out_shardings=parallel.batch_sharding(self.mesh))
 
@@ -577,8 +578,9 @@ def step_report(step: str, comp: Compiled, target: Target, *, global_batch: int,
 
 def dataset_size(config, train_examples: int = 0) -> tuple[int, int, str]:
   """(classes, training images, source) of the config's dataset: known sizes first, else the data layer."""
-  d = config.data
-  name = str(d.get('name', '')) if d.source == 'tfds' else ''
+  from vggjax import settings
+  d = settings.DataSettings.from_config(config.data)
+  name = d.name if d.source == 'tfds' else ''
   if name in KNOWN_DATASETS:
     classes, num_train, _ = KNOWN_DATASETS[name]
     source = f'{name} ({num_train:,} training images)'
@@ -589,7 +591,7 @@ def dataset_size(config, train_examples: int = 0) -> tuple[int, int, str]:
     except Exception as e:  # noqa: BLE001
       if config.model.num_classes and train_examples:
         return config.model.num_classes, train_examples, '--train_examples'
-      raise PlanError(f'the size of {d.source}:{name or d.get("data_dir", "")} is unknown to the plan and '
+      raise PlanError(f'the size of {d.source}:{name or d.data_dir} is unknown to the plan and '
                       f'could not be read ({e}); give --config.model.num_classes and --train_examples') from e
     classes, num_train, source = info.num_classes, info.num_train, f'{d.source} (read)'
   if train_examples:
@@ -749,7 +751,7 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
   executables are put in `compiled_out` (by step name) when given."""
   compiled_out = {} if compiled_out is None else compiled_out
   import jax
-  from vggjax import config_lib, models, parallel
+  from vggjax import config_lib, models, parallel, settings
   config_lib.validate(config)
   classes, num_train, data_source = dataset_size(config, train_examples)
   config = config_lib.resolve(config, config.model.num_classes or classes)
@@ -840,7 +842,7 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
     from vggjax import evaluate
     q, bh, bw = steps.dense_shape()
     dense_gb = evaluate.DEFAULT_PER_DEVICE_BATCH * n
-    flips = 2 if d.get('flip', True) else 1
+    flips = 2 if settings.DataSettings.from_config(d).flip else 1
     dense_fwd = flips * models.flops(m.name, (bh, bw), train_size=size, **opts).flops
     comp = compiled_out['dense'] = compile_step(steps.dense_step(), steps.dense_args(dense_gb),
                                                 f'dense evaluation step (Q={q})', target, log)

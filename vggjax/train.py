@@ -1,5 +1,9 @@
 """Training: the train state, the jitted data-parallel train and eval steps, and the loop.
 
+Why one module of about 600 lines: the train state, the step functions and the loop share the state's
+sharding and the fault bookkeeping, and notebooks import them from one place; checkpointing (checkpoints.py),
+the data (data/), the settings (settings.py) and the run directory (rundir.py) live apart.
+
 Plain functions a notebook can import (create_train_state, make_train_step, make_eval_step, evaluate,
 train_and_evaluate); main.py only parses flags and calls train_and_evaluate.
 
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -30,7 +33,7 @@ import optax
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, models, optim, parallel, preemption
+from vggjax import checkpoints, models, optim, parallel, preemption, rundir, settings
 from vggjax import runlog as vlog
 from vggjax.evaluation import inference
 from vggjax.evaluation.evaluators import EvalInterrupted, ValidationEvaluator  # noqa: F401 - train's names
@@ -66,13 +69,13 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict, **overrides) -> models.VGG:
-  m = config.model
+  m = settings.ModelSettings.from_config(config.model)
   options = dict(num_classes=m.num_classes, width=m.width, fc_features=m.fc_features or None,
-                 image_size=config.data.image_size, dropout_rate=m.dropout_rate, dtype=m.dtype,
-                 init=m.init, init_std=m.init_std)
-  if m.get('pool_ceil', False):
+                 image_size=settings.DataSettings.from_config(config.data).image_size,
+                 dropout_rate=m.dropout_rate, dtype=m.dtype, init=m.init, init_std=m.init_std)
+  if m.pool_ceil:
     options['pool_ceil'] = True
-  if m.get('head', 'classify') != 'classify':  # localisation (paper Appendix A): fc8 regresses boxes
+  if m.head != 'classify':  # localisation (paper Appendix A): fc8 regresses boxes
     from vggjax import localization_model
     options['num_classes'] = localization_model.box_outputs(m.head, m.num_classes)
   options.update(overrides)
@@ -80,8 +83,8 @@ def build_model(config: ml_collections.ConfigDict, **overrides) -> models.VGG:
 
 
 def normalization(config: ml_collections.ConfigDict) -> Normalization:
-  d = config.data
-  return Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.get('color_order', 'RGB'))
+  d = settings.DataSettings.from_config(config.data)
+  return Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.color_order)
 
 
 def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -396,74 +399,6 @@ def warn_deep_from_scratch(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-class _IteratorState:
-  """Adapts the input iterator to Grain's Orbax handler (one JSON file per process in each checkpoint)."""
-
-  def __init__(self, iterator):
-    self.iterator = iterator
-
-  def get_state(self) -> bytes:
-    state = self.iterator.get_state()
-    return state if isinstance(state, bytes) else json.dumps(state).encode()
-
-  def set_state(self, state: bytes) -> None:
-    try:
-      self.iterator.set_state(state)
-    except (TypeError, ValueError, AttributeError):
-      self.iterator.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-class TrainCheckpointer:
-  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
-
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    import grain.checkpoint
-    import orbax.checkpoint as ocp
-    self._ocp, self._grain = ocp, grain.checkpoint
-    directory = checkpoints.absolute(workdir) / checkpoints.CHECKPOINT_DIR
-    self.manager = ocp.CheckpointManager(
-        directory,
-        # A step directory is written under a temporary name and renamed when complete: a run killed
-        # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True, cleanup_tmp_directories=True),
-        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
-                       'host': ocp.JsonCheckpointHandler()})
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: TrainState, iterator, host: dict) -> None:
-    ocp = self._ocp
-    if step in self.manager.all_steps():
-      return
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=self._grain.CheckpointSave(_IteratorState(iterator)),
-        host=ocp.args.JsonSave(host)), force=True)
-
-  def restore(self, step: int, abstract_state: TrainState, iterator) -> tuple[TrainState, dict]:
-    ocp = self._ocp
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=self._grain.CheckpointRestore(_IteratorState(iterator)), host=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['host'])
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def resave(self, step: int, state: TrainState, iterator, host: dict) -> None:
-    """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
-    self.manager.wait_until_finished()
-    if step in self.manager.all_steps():
-      self.manager.delete(step)
-    self.save(step, state, iterator, host)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
 
 
 @dataclasses.dataclass
@@ -472,6 +407,7 @@ class RunResult:
   epoch: float
   metrics: dict
   preempted: bool = False
+  skipped_images: int = 0  # unreadable training images skipped over the whole run (all processes)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
@@ -485,73 +421,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   is_main = jax.process_index() == 0
   info = pipeline.dataset_info(config.data)
   config = config_lib.resolve(config, info.num_classes)
+  # The config read once: typed settings below (each default defined in configs/default.py).
+  data = settings.DataSettings.from_config(config.data)
+  t = settings.TrainSettings.from_config(config.train)
+  m = settings.ModelSettings.from_config(config.model)
+  seed = int(settings.value(config, 'seed'))
   mesh = parallel.make_mesh()
-  t = config.train
   parallel.check_batch_size(t.global_batch_size, mesh)
-  steps_per_epoch = info.num_train // t.global_batch_size
+  steps_per_epoch = rundir.steps_per_epoch(info.num_train, t.global_batch_size)
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(f'config.train.global_batch_size={t.global_batch_size} is larger than the '
                                  f'training split ({info.num_train} examples)')
-  total_steps = t.max_steps or int(t.num_epochs * steps_per_epoch)
+  total_steps = rundir.total_steps(t.max_steps, t.num_epochs, steps_per_epoch)
   eval_every = t.eval_every_steps or steps_per_epoch
 
   model = build_model(config)
-  tx = optim.make_optimizer(config.optimizer, trainable=t.get('trainable', ''))
+  tx = optim.make_optimizer(config.optimizer, trainable=t.trainable)
   if optim.trainable_patterns(tx):
     optim.check_patterns(list(models.variable_shapes(model)['params']), optim.trainable_patterns(tx))
-  accumulate = int(t.get('accumulate_steps', 1))
+  accumulate = t.accumulate_steps
   parallel.check_batch_size(t.global_batch_size // accumulate, mesh)
   schedule = optim.Schedule.from_config(config.optimizer, steps_per_epoch, total_steps)
   norm = normalization(config)
-  train_step = make_train_step(model, tx, mesh, norm=norm, color_shift=config.data.color_shift,
-                               remat=config.model.remat, nan_policy=t.nan_policy, accumulate_steps=accumulate,
-                               eigval=tuple(config.data.get('pca_eigval', IMAGENET_EIGVAL)),
-                               eigvec=tuple(map(tuple, config.data.get('pca_eigvec', IMAGENET_EIGVEC))),
-                               head=config.model.get('head', 'classify'))
+  train_step = make_train_step(model, tx, mesh, norm=norm, color_shift=data.color_shift,
+                               remat=m.remat, nan_policy=t.nan_policy, accumulate_steps=accumulate,
+                               eigval=data.pca_eigval, eigvec=data.pca_eigvec, head=m.head)
   eval_model = build_model(config, dropout_rate=0.0)
-  eval_step = make_eval_step(eval_model, mesh, norm, head=config.model.get('head', 'classify'))
-  it = pipeline.train_iterator(config.data, global_batch_size=t.global_batch_size, seed=config.seed,
+  eval_step = make_eval_step(eval_model, mesh, norm, head=m.head)
+  it = pipeline.train_iterator(data, global_batch_size=t.global_batch_size, seed=seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-  ckpt = TrainCheckpointer(workdir, keep=t.keep_checkpoints)
+  ckpt = checkpoints.TrainCheckpointer(workdir, keep=t.keep_checkpoints)
   writer = vlog.MetricWriter(workdir, enabled=is_main)
   start = ckpt.latest_step()
   history: list[dict] = []
   pending_eval = False
+  skipped_before = 0  # unreadable training images skipped before this process started (a resumed run)
   if start is not None:
     state, host = ckpt.restore(start, abstract_train_state(model, tx, mesh), it)
     schedule.load_state_dict(host.get('schedule', {}))
     history = host.get('evals', [])
+    skipped_before = int(host.get('skipped_images', 0))
     pending_eval = bool(host.get('pending_eval'))  # preempted during this step's evaluation: run it again
     writer.truncate_after(start)
     log.info('resumed from %s at step %d', ckpt.manager.directory, start)
   else:
     start = 0
     warn_deep_from_scratch(config)
-    state = create_train_state(model, tx, mesh, config.seed)
-    if config.init_from:
-      state = warm_start(state, config.init_from, config.init_layers, mesh, norm,
-                         model_name=config.model.name)
+    state = create_train_state(model, tx, mesh, seed)
+    if settings.value(config, 'init_from'):
+      state = warm_start(state, config.init_from, settings.value(config, 'init_layers'), mesh, norm,
+                         model_name=m.name)
   if is_main:
     config_lib.write(config, workdir, {'labels': info.class_names,
                                        'dataset': {'num_train': info.num_train, 'num_eval': info.num_eval}})
   log.info('%s: %s parameters, %d devices over %d processes, %d steps/epoch, %d steps',
-           config.model.name, f'{models.param_count(model):,}', mesh.devices.size, jax.process_count(),
+           m.name, f'{models.param_count(model):,}', mesh.devices.size, jax.process_count(),
            steps_per_epoch, total_steps)
+
+  def skipped_images() -> int:
+    """Unreadable training images skipped so far in the run (all processes; the same point on each)."""
+    return skipped_before + parallel.sum_over_processes(it.skipped)
 
   def host_state():
     return {'schedule': schedule.state_dict(), 'evals': history, 'epoch': step / steps_per_epoch,
-            'pending_eval': pending_eval}
-
-  validation = ValidationEvaluator(
-      eval_step, mesh, lambda: pipeline.eval_iterator(config.data, global_batch_size=t.global_batch_size,
-                                                      process_index=jax.process_index(),
-                                                      process_count=jax.process_count()))
+            'pending_eval': pending_eval, 'skipped_images': skipped_images()}
 
   def run_eval(step: int) -> dict:
-    log.info('step %d: evaluating on %s', step, config.data.eval_split)
-    result = validation.run(state.variables, stop=stop.in_eval)
+    batches = pipeline.eval_iterator(data, global_batch_size=t.global_batch_size,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    log.info('step %d: evaluating on %s', step, data.eval_split)
+    result = ValidationEvaluator(eval_step, mesh, lambda: batches).run(state.variables, stop=stop.in_eval)
     reduced = schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
+    skipped = parallel.sum_over_processes(batches.skipped)
+    if skipped:  # unreadable validation images (left out of val_count)
+      row['val_skipped_images'] = skipped
     history.append(row)
     writer.write(row)
     log.info('step %d: val top-1 %.4f, top-5 %.4f (%d images)%s', step, result['val_top1'],
@@ -565,14 +509,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   window: list[dict] = []
   t_log, step_log = time.time(), start
   pending = None  # a logging window whose metrics are read once the next step is queued
+  skipped_logged = skipped_before  # unreadable training images up to the last row written
 
   def flush():
     """Writes the pending window's row. Called after the next step is dispatched, so reading the metrics
     waits only for the window's last step while the device already works on the next one: no bubble."""
-    nonlocal pending, t_log, step_log
+    nonlocal pending, t_log, step_log, skipped_logged
     if pending is None:
       return
-    metrics, end, lr = pending
+    metrics, end, lr, skipped_local = pending
     pending = None
     host = parallel.to_host(metrics)
     last = host[-1]
@@ -586,6 +531,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     skipped = int(sum(m['skipped'] for m in host))
     if skipped:
       row['skipped_steps'] = skipped
+    skipped_total = skipped_before + parallel.sum_over_processes(skipped_local)
+    if skipped_total > skipped_logged:  # unreadable images replaced in this window's batches
+      row['skipped_images'] = skipped_total - skipped_logged
+    skipped_logged = skipped_total
     writer.write(row)
     bar.update(end, epoch=round(row['epoch'], 2), loss=row['loss'], lr=lr,
                **{'img/s': round(row['img_per_s'], 1)})
@@ -610,7 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       flush()
       window.append(metrics)
       if step % t.log_every_steps == 0 or step == total_steps:
-        pending, window = (window, step, lr), []
+        pending, window = (window, step, lr, it.skipped), []
       evaluate_now = step % eval_every == 0 or step == total_steps
       preempted = stop.requested(step)
       epoch_end = t.checkpoint_every_epoch and step % steps_per_epoch == 0
@@ -638,7 +587,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   if is_main and t.plot and not preempted:
     vlog.plot_curves(workdir)
   writer.close()
-  return RunResult(step=step, epoch=step / steps_per_epoch, metrics=last_eval or {}, preempted=preempted)
+  return RunResult(step=step, epoch=step / steps_per_epoch, metrics=last_eval or {}, preempted=preempted,
+                   skipped_images=skipped_images())
 
 
 def _check_faults(state: TrainState, policy: str) -> None:

@@ -1,5 +1,9 @@
 """Transfer to other datasets, as in the paper's Appendix B: fixed VGG descriptors and linear SVMs.
 
+Why one module of about 800 lines: the random splits, the cached descriptors, the SVMs with cross-validation,
+the two scores (mean class recall, VOC AP) and the report are one protocol (Appendix B), used only together;
+the descriptors themselves are vggjax.features'.
+
 The paper shows its ImageNet nets are generic feature extractors: fc8 is removed, and an image's descriptor
 is the 4096-D fc7 activation of the fully convolutional net applied over the whole image rescaled to Q,
 averaged over the map and with the horizontally flipped image's (``vggjax.features``), at several scales Q
@@ -671,14 +675,16 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
   os.makedirs(workdir, exist_ok=True)
   cache = DescriptorCache(cache_dir or os.path.join(workdir, 'descriptors'))
   nets = [load_net(w) for w in weights]
-  eval_split = str(data_cfg.get('eval_split', '') or '')
+  from vggjax import settings
+  data = settings.DataSettings.from_config(data_cfg)  # read once; every default from configs/default.py
+  eval_split = data.eval_split
   if not eval_split and not train_per_class:
     raise ValueError('data.eval_split is empty: the SVMs need test images (set it), or random splits of one '
                      'pool (set --train_per_class)')
-  train_ex = open_examples(data_cfg, data_cfg.train_split)
-  eval_ex = open_examples(data_cfg, eval_split) if eval_split else None
+  train_ex = open_examples(data, data.train_split)
+  eval_ex = open_examples(data, eval_split) if eval_split else None
   if eval_ex is not None and train_ex.multilabel != eval_ex.multilabel:
-    raise ValueError(f'{data_cfg.train_split} and {eval_split} differ in label kind (single vs multi-label)')
+    raise ValueError(f'{data.train_split} and {eval_split} differ in label kind (single vs multi-label)')
   names = train_ex.class_names
   num_classes = train_ex.labels.shape[1] if train_ex.multilabel else len(names)
   if classifier == 'net' and nets[0].meta['model']['num_classes'] != num_classes:
@@ -704,10 +710,10 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
                                                           num_splits, seed, names)]
     protocol = {'kind': 'random splits', 'train_per_class': train_per_class, 'test_per_class': test_per_class,
                 'num_splits': num_splits, 'seed': seed,
-                'pool': [data_cfg.train_split] + ([eval_split] if eval_split else [])}
+                'pool': [data.train_split] + ([eval_split] if eval_split else [])}
   else:
     splits = [(np.flatnonzero(valid[:offset]), offset + np.flatnonzero(valid[offset:]))]
-    protocol = {'kind': 'fixed split', 'train': data_cfg.train_split, 'test': eval_split}
+    protocol = {'kind': 'fixed split', 'train': data.train_split, 'test': eval_split}
 
   def classify(indices):
     out = np.zeros((len(indices), num_classes), np.float32)
@@ -726,8 +732,8 @@ def transfer(weights: Sequence[str], data_cfg, *, workdir: str, scales: Sequence
             f'{arch} fc7, {combine} over Q={",".join(map(str, scales))}{"" if flip else ", no flip"}, '
             'linear SVM')
   result.update({
-      'method': method, 'dataset': str(data_cfg.get('name', '') or data_cfg.source),
-      'data_dir_name': os.path.basename(os.path.normpath(str(data_cfg.get('data_dir', '') or ''))),
+      'method': method, 'dataset': data.name or data.source,
+      'data_dir_name': os.path.basename(os.path.normpath(data.data_dir)),
       'nets': [{'path': n.path, 'model': n.meta['model'], 'fingerprint': n.fingerprint} for n in nets],
       'classifier': classifier, 'scales': [int(q) for q in scales], 'combine': combine, 'flip': flip,
       'descriptor_dim': int(x.shape[1]), 'num_classes': num_classes, 'class_names': names,

@@ -35,6 +35,7 @@ import numpy as np
 
 from vggjax import boxes as boxes_lib
 from vggjax.data import pipeline, sources, transforms
+from vggjax.settings import data_settings
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +115,23 @@ class TfdsBoxSource(sources.TfdsSource):
     return np.stack([yx[:, 1] * w, yx[:, 0] * h, yx[:, 3] * w, yx[:, 2] * h], axis=1)
 
 
-def has_boxes(data_cfg) -> bool:
-  """Whether the config asks for batches with boxes (data.boxes_file for folders, data.bbox_key for TFDS)."""
-  if data_cfg.source == 'folder':
-    return bool(data_cfg.get('boxes_file', ''))
-  if data_cfg.source == 'tfds':
-    return bool(data_cfg.get('bbox_key', ''))
-  return False
+def has_boxes(data) -> bool:
+  """Whether the data settings (or a config's data block) ask for batches with boxes (data.boxes_file for
+  folders, data.bbox_key for TFDS)."""
+  return data_settings(data).has_boxes
 
 
-def open_source(data_cfg, split: str) -> sources.Source:
+def open_source(data, split: str) -> sources.Source:
   """The box source of a split (data.source folder or tfds)."""
-  if data_cfg.source == 'folder' and data_cfg.get('boxes_file', ''):
-    if not data_cfg.get('data_dir', ''):
+  data = data_settings(data)
+  if data.source == 'folder' and data.boxes_file:
+    if not data.data_dir:
       raise FileNotFoundError('data.source=folder needs data.data_dir=ROOT (ROOT/train/<class>/<images>, '
                               'ROOT/val/<class>/<images> and the boxes file)')
-    return BoxFolderSource(data_cfg.data_dir, split, data_cfg.boxes_file)
-  if data_cfg.source == 'tfds' and data_cfg.get('bbox_key', ''):
-    return TfdsBoxSource(data_cfg.name, split, data_cfg.get('data_dir', '') or '',
-                         data_cfg.get('image_key', 'image'), data_cfg.get('label_key', 'label'),
-                         data_cfg.bbox_key)
-  raise ValueError(f'data.source={data_cfg.source!r} has no boxes: use source=folder with data.boxes_file, '
+    return BoxFolderSource(data.data_dir, split, data.boxes_file)
+  if data.source == 'tfds' and data.bbox_key:
+    return TfdsBoxSource(data.name, split, data.data_dir, data.image_key, data.label_key, data.bbox_key)
+  raise ValueError(f'data.source={data.source!r} has no boxes: use source=folder with data.boxes_file, '
                    f'or source=tfds with data.bbox_key (a BBoxFeature such as objects/bbox)')
 
 
@@ -220,21 +217,23 @@ def _swap(fn, cls):
   return new
 
 
-def train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
+def train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1) -> pipeline.TrainIterator:
   """``pipeline.train_iterator`` whose batches also carry 'box' and 'box_valid'."""
-  it = pipeline.TrainIterator(data_cfg, global_batch_size=global_batch_size, seed=seed,
+  data = data_settings(data)
+  it = pipeline.TrainIterator(data, global_batch_size=global_batch_size, seed=seed,
                               process_index=process_index, process_count=process_count,
-                              source=open_source(data_cfg, data_cfg.train_split))
+                              source=open_source(data, data.train_split))
   it._fn = _swap(it._fn, _BoxTrainBatchFn)
   return it
 
 
-def eval_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+def eval_iterator(data, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
                   scale=None, split=None) -> pipeline.EvalIterator:
   """``pipeline.eval_iterator`` whose batches also carry 'box' and 'box_valid' (central crop at Q)."""
-  it = pipeline.EvalIterator(data_cfg, global_batch_size=global_batch_size, process_index=process_index,
+  data = data_settings(data)
+  it = pipeline.EvalIterator(data, global_batch_size=global_batch_size, process_index=process_index,
                              process_count=process_count, scale=scale, split=split,
-                             source=open_source(data_cfg, split or data_cfg.eval_split))
+                             source=open_source(data, split or data.eval_split))
   it._fn = _swap(it._fn, _BoxEvalBatchFn)
   return it

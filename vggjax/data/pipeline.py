@@ -1,7 +1,7 @@
 """The input pipeline: deterministic, per-process, resumable batches of uint8 crops (docs/design.md, 4 and 5).
 
-    info = pipeline.dataset_info(data_cfg)
-    it = pipeline.train_iterator(data_cfg, global_batch_size=256, seed=0, process_index=p, process_count=P)
+    info = pipeline.dataset_info(data)          # data: settings.DataSettings (or a config's data block)
+    it = pipeline.train_iterator(data, global_batch_size=256, seed=0, process_index=p, process_count=P)
     batch = next(it)            # {'image': uint8 (256 // P, S, S, 3), 'label': int32 (256 // P,)}
     state = it.get_state()      # a small JSON-able dict; goes into the checkpoint
     it.set_state(state)         # continues with exactly the batch that was next
@@ -30,14 +30,14 @@ The transform is rescale-to-Q and the central crop.
 Bad data. A record that cannot be read or decoded is skipped, counted and logged with its path (or TFDS
 record number). In training it is replaced deterministically by the next readable record (index + 1,
 + 2, ... modulo n), so the batches stay identical for every run; in evaluation its slot gets mask False.
-``it.bad_records`` (this iterator) and ``bad_records()`` (this process) report them; more than
-``data.max_consecutive_bad`` (default 100) unreadable records in a row is an error.
+The records skipped to make a batch travel with it (computed wherever the batch is, a Grain worker process
+or this one) and are counted as it is handed out: ``it.skipped`` (records skipped by this iterator),
+``it.bad_records`` (description -> times) and ``bad_records()`` (this process); the trainer writes them to
+metrics.jsonl. More than ``data.max_consecutive_bad`` unreadable records in a row is an error.
 
-Config fields read (the ``data`` block): source, name, data_dir, train_split, eval_split, image_size,
-scale_min, scale_max, eval_scale, flip, num_workers, prefetch (batches buffered per worker, and in the main
-process); optional, with defaults: num_threads (2: threads computing batches in each process),
-jpeg_dct_scaling (True, see ``transforms``), max_consecutive_bad (100), image_key / label_key ('image' /
-'label', TFDS features). color_shift, mean_rgb and std_rgb are the device's (``vggjax.preprocessing``).
+Settings. Every function takes ``vggjax.settings.DataSettings`` (typed, every field present, the defaults
+those of configs/default.py); a config's ``data`` block is accepted too and read into them once, at the
+entry. color_shift, mean_rgb and std_rgb are the device's (``vggjax.preprocessing``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import numpy as np
 
 from vggjax.data import sources as sources_lib
 from vggjax.data import transforms
+from vggjax.settings import DataSettings, data_settings
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,22 @@ class DatasetInfo:
   class_names: Optional[tuple[str, ...]]
 
 
-def open_source(data_cfg, split: str) -> sources_lib.Source:
+def open_source(data: DataSettings, split: str) -> sources_lib.Source:
   """A random-access source of a split: len(source), source[i] -> {'image': uint8 (H, W, 3), 'label': int}."""
-  return sources_lib.open_source(data_cfg, split)
+  return sources_lib.open_source(data, split)
 
 
-def dataset_info(data_cfg) -> DatasetInfo:
-  train = open_source(data_cfg, data_cfg.train_split)
-  num_eval = len(open_source(data_cfg, data_cfg.eval_split)) if data_cfg.get('eval_split', '') else 0
+def dataset_info(data: DataSettings) -> DatasetInfo:
+  data = data_settings(data)
+  train = open_source(data, data.train_split)
+  num_eval = len(open_source(data, data.eval_split)) if data.eval_split else 0
   names = tuple(train.class_names) if train.class_names else None
   return DatasetInfo(len(train), num_eval, train.num_classes, names)
 
 
-def eval_scale(data_cfg) -> int:
-  """Q for validation: data.eval_scale, or the paper's single test scale (preprocessing.single_test_scale:
-  S when fixed, (Smin + Smax) / 2 when jittered)."""
-  if data_cfg.get('eval_scale', 0):
-    return int(data_cfg.eval_scale)
-  from vggjax.preprocessing import single_test_scale
-  return single_test_scale(data_cfg.scale_min, data_cfg.scale_max)
+def eval_scale(data: DataSettings) -> int:
+  """Q for validation: data.eval_scale, or the paper's single test scale (DataSettings.validation_scale)."""
+  return data_settings(data).validation_scale
 
 
 def bad_records() -> dict[str, int]:
@@ -231,24 +229,23 @@ def _report_bad(bad: list, seen: collections.Counter) -> None:
     seen[description] += 1
 
 
-def _options(data_cfg) -> dict:
-  return dict(num_workers=int(data_cfg.get('num_workers', 0)), prefetch=int(data_cfg.get('prefetch', 2)),
-              num_threads=int(data_cfg.get('num_threads', 2)))
+def _options(data: DataSettings) -> dict:
+  return dict(num_workers=data.num_workers, prefetch=data.prefetch, num_threads=data.num_threads)
 
 
 class TrainIterator:
   """Infinite iterator of local training batches; see the module docstring for what batch t holds."""
 
-  def __init__(self, data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
+  def __init__(self, data: DataSettings, *, global_batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, source: Optional[sources_lib.Source] = None):
-    self.source = source if source is not None else open_source(data_cfg, data_cfg.train_split)
+    data = data_settings(data)
+    self.source = source if source is not None else open_source(data, data.train_split)
     self._fn = _TrainBatchFn(
-        self.source, seed=seed, image_size=int(data_cfg.image_size), scale_min=int(data_cfg.scale_min),
-        scale_max=int(data_cfg.scale_max), random_flip=bool(data_cfg.get('flip', True)),
-        dct_scaling=bool(data_cfg.get('jpeg_dct_scaling', True)), global_batch_size=int(global_batch_size),
-        process_index=int(process_index), process_count=int(process_count),
-        max_consecutive_bad=int(data_cfg.get('max_consecutive_bad', 100)))
-    self._opts = _options(data_cfg)
+        self.source, seed=seed, image_size=data.image_size, scale_min=data.scale_min,
+        scale_max=data.scale_max, random_flip=data.flip, dct_scaling=data.jpeg_dct_scaling,
+        global_batch_size=int(global_batch_size), process_index=int(process_index),
+        process_count=int(process_count), max_consecutive_bad=data.max_consecutive_bad)
+    self._opts = _options(data)
     self.bad_records: collections.Counter = collections.Counter()  # description -> times skipped
     self._step = 0
     self._it = None
@@ -256,6 +253,11 @@ class TrainIterator:
   @property
   def steps_per_epoch(self) -> int:
     return self._fn.steps_per_epoch
+
+  @property
+  def skipped(self) -> int:
+    """Unreadable records skipped to make the batches handed out so far (by this iterator)."""
+    return sum(self.bad_records.values())
 
   @property
   def step(self) -> int:
@@ -307,22 +309,27 @@ class TrainIterator:
 class EvalIterator:
   """Finite iterator of padded, masked local evaluation batches (see the module docstring)."""
 
-  def __init__(self, data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-               scale: Optional[int] = None, split: Optional[str] = None,
+  def __init__(self, data: DataSettings, *, global_batch_size: int, process_index: int = 0,
+               process_count: int = 1, scale: Optional[int] = None, split: Optional[str] = None,
                source: Optional[sources_lib.Source] = None):
-    self.source = source if source is not None else open_source(data_cfg, split or data_cfg.eval_split)
-    self.scale = int(scale) if scale else eval_scale(data_cfg)
+    data = data_settings(data)
+    self.source = source if source is not None else open_source(data, split or data.eval_split)
+    self.scale = int(scale) if scale else data.validation_scale
     self._fn = _EvalBatchFn(
-        self.source, image_size=int(data_cfg.image_size), scale=self.scale,
-        dct_scaling=bool(data_cfg.get('jpeg_dct_scaling', True)), global_batch_size=int(global_batch_size),
-        process_index=int(process_index), process_count=int(process_count),
-        max_consecutive_bad=int(data_cfg.get('max_consecutive_bad', 100)))
-    self._opts = _options(data_cfg)
+        self.source, image_size=data.image_size, scale=self.scale, dct_scaling=data.jpeg_dct_scaling,
+        global_batch_size=int(global_batch_size), process_index=int(process_index),
+        process_count=int(process_count), max_consecutive_bad=data.max_consecutive_bad)
+    self._opts = _options(data)
     self.bad_records: collections.Counter = collections.Counter()
     self._it = None
 
   def __len__(self) -> int:
     return self._fn.num_batches
+
+  @property
+  def skipped(self) -> int:
+    """Unreadable records left out of the batches handed out so far (mask False)."""
+    return sum(self.bad_records.values())
 
   def __iter__(self) -> Iterator[dict]:
     self.close()
@@ -344,24 +351,27 @@ class EvalIterator:
       it.close()
 
 
-def train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
+def train_iterator(data: DataSettings, *, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1) -> TrainIterator:
   """An infinite, resumable iterator of this process' training batches (module docstring: the layout)."""
   from vggjax.data import boxes_source
-  if boxes_source.has_boxes(data_cfg):  # localisation: the same batches plus each crop's box
-    return boxes_source.train_iterator(data_cfg, global_batch_size=global_batch_size, seed=seed,
+  data = data_settings(data)
+  if data.has_boxes:  # localisation: the same batches plus each crop's box
+    return boxes_source.train_iterator(data, global_batch_size=global_batch_size, seed=seed,
                                        process_index=process_index, process_count=process_count)
-  return TrainIterator(data_cfg, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+  return TrainIterator(data, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
                        process_count=process_count)
 
 
-def eval_iterator(data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                  scale: Optional[int] = None, split: Optional[str] = None) -> EvalIterator:
-  """Padded, masked evaluation batches of data_cfg.eval_split (or `split`) at scale Q (None: eval_scale)."""
+def eval_iterator(data: DataSettings, *, global_batch_size: int, process_index: int = 0,
+                  process_count: int = 1, scale: Optional[int] = None, split: Optional[str] = None
+                  ) -> EvalIterator:
+  """Padded, masked evaluation batches of data.eval_split (or `split`) at scale Q (None: validation_scale)."""
   from vggjax.data import boxes_source
-  if boxes_source.has_boxes(data_cfg):  # localisation: the same batches plus each crop's box
-    return boxes_source.eval_iterator(data_cfg, global_batch_size=global_batch_size,
+  data = data_settings(data)
+  if data.has_boxes:  # localisation: the same batches plus each crop's box
+    return boxes_source.eval_iterator(data, global_batch_size=global_batch_size,
                                       process_index=process_index, process_count=process_count, scale=scale,
                                       split=split)
-  return EvalIterator(data_cfg, global_batch_size=global_batch_size, process_index=process_index,
+  return EvalIterator(data, global_batch_size=global_batch_size, process_index=process_index,
                       process_count=process_count, scale=scale, split=split)

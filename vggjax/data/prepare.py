@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import struct
-import sys
 
 import numpy as np
 
@@ -77,15 +76,18 @@ def pca_flags(stats: dict) -> str:
   return f'--config.data.pca_eigval="{val}" --config.data.pca_eigvec="{vec}"'
 
 
-def compute_stats(data_cfg, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
-  """The training-set statistics described in the module docstring, as a JSON-able dict."""
+def compute_stats(data, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
+  """The training-set statistics described in the module docstring, as a JSON-able dict (data: the
+  settings.DataSettings, or a config's data block)."""
   from vggjax.data import pipeline, transforms
-  source = pipeline.open_source(data_cfg, split or data_cfg.train_split)
+  from vggjax.settings import data_settings
+  data = data_settings(data)
+  source = pipeline.open_source(data, split or data.train_split)
   n = len(source)
   indices = np.arange(n)
   if 0 < num_images < n:
     indices = np.sort(np.random.default_rng(0).choice(n, num_images, replace=False))
-  size, scale = int(data_cfg.image_size), int(data_cfg.scale_min)
+  size, scale = data.image_size, data.scale_min
   chunks = np.array_split(indices, max(1, num_threads))
   bad: list[str] = []
 
@@ -185,45 +187,53 @@ def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None
   return converted
 
 
-def main(argv=None) -> None:
-  argv = list(sys.argv if argv is None else argv)
-  cli.add_config_roots(argv)
-  from absl import app, flags
+def _define_flags() -> dict:
+  from absl import flags
   from ml_collections import config_flags
+  return {
+      'config': config_flags.DEFINE_config_file(
+          'config', str(cli.config_file('default')), 'stats: a config file; override fields with '
+          '--config.FIELD=VALUE'),
+      'num_images': flags.DEFINE_integer('num_images', 0, 'stats: images sampled (0: the whole training split)'),
+      'num_threads': flags.DEFINE_integer('num_threads', 4, 'stats: decoding threads'),
+      'output': flags.DEFINE_string('output', '', 'stats: also write the JSON here'),
+      'name': flags.DEFINE_string('name', '', 'convert: the TFDS dataset name (e.g. imagenet2012)'),
+      'data_dir': flags.DEFINE_string('data_dir', '', 'convert: the TFDS data_dir'),
+      'out_dir': flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in '
+                                     'place)'),
+  }
 
-  config = config_flags.DEFINE_config_file('config', str(cli.config_file('default')),
-                                           'stats: a config file; override fields with --config.FIELD=VALUE')
-  num_images = flags.DEFINE_integer('num_images', 0, 'stats: images sampled (0: the whole training split)')
-  num_threads = flags.DEFINE_integer('num_threads', 4, 'stats: decoding threads')
-  output = flags.DEFINE_string('output', '', 'stats: also write the JSON here')
-  name = flags.DEFINE_string('name', '', 'convert: the TFDS dataset name (e.g. imagenet2012)')
-  data_dir = flags.DEFINE_string('data_dir', '', 'convert: the TFDS data_dir')
-  out_dir = flags.DEFINE_string('out_dir', '', 'convert: write the converted dataset here (default: in '
-                                'place)')
 
-  def run(args):
-    if len(args) != 2 or args[1] not in ('stats', 'convert'):
-      raise app.UsageError('usage: python -m vggjax.data.prepare {stats|convert} [flags]')
-    if args[1] == 'convert':
-      if not name.value:
-        raise app.UsageError('convert needs --name (and usually --data_dir)')
-      done = convert_to_array_record(name.value, data_dir.value, out_dir.value)
-      print(f'converted {name.value} to array_record: {", ".join(map(str, done)) or "nothing to do"}')
-      return
-    stats = compute_stats(config.value.data, num_images.value, num_threads.value)
-    text = json.dumps(stats, indent=2)
-    if output.value:
-      pathlib.Path(output.value).write_text(text + '\n')
-    print(text)
-    fmt = lambda xs: '(' + ', '.join(f'{x:.3f}' for x in xs) + ')'  # noqa: E731
-    print(f'\n# {stats["num_images"]} images of {stats["source"]}; use:\n'
-          f'--config.data.mean_rgb="{fmt(stats["mean_rgb"])}"\n'
-          f'# (std_rgb {fmt(stats["std_rgb"])})\n'
-          f'# and for the colour shift (AlexNet\'s PCA lighting) with this dataset\'s statistics:\n'
-          f'{pca_flags(stats)}')
+def main(argv, flag_holders) -> None:
+  """`vggjax prepare stats|convert [flags]`."""
+  if len(argv) != 2 or argv[1] not in ('stats', 'convert'):
+    raise cli.CommandError(f'expected one of stats, convert (vggjax prepare {{stats|convert}} [flags]); got '
+                           f'{argv[1:]}')
+  f = cli.start_command(argv, flag_holders, max_args=1)
+  if argv[1] == 'convert':
+    if not f['name']:
+      raise cli.CommandError('convert needs --name (and usually --data_dir)')
+    done = convert_to_array_record(f['name'], f['data_dir'], f['out_dir'])
+    print(f'converted {f["name"]} to array_record: {", ".join(map(str, done)) or "nothing to do"}')
+    return
+  from vggjax import config_lib
+  config_lib.validate(f['config'])  # a bad field: one line, exit 2
+  stats = compute_stats(f['config'].data, f['num_images'], f['num_threads'])
+  text = json.dumps(stats, indent=2)
+  if f['output']:
+    pathlib.Path(f['output']).write_text(text + '\n')
+  print(text)
+  fmt = lambda xs: '(' + ', '.join(f'{x:.3f}' for x in xs) + ')'  # noqa: E731
+  print(f'\n# {stats["num_images"]} images of {stats["source"]}; use:\n'
+        f'--config.data.mean_rgb="{fmt(stats["mean_rgb"])}"\n'
+        f'# (std_rgb {fmt(stats["std_rgb"])})\n'
+        f'# and for the colour shift (AlexNet\'s PCA lighting) with this dataset\'s statistics:\n'
+        f'{pca_flags(stats)}')
 
-  app.run(run, argv=argv)
+
+def run() -> None:
+  cli.run_command(_define_flags, main)
 
 
 if __name__ == '__main__':
-  main()
+  run()

@@ -1,5 +1,8 @@
 """Random-access image sources: TFDS (array_record), a local image folder, and real datasets held in memory.
 
+Why one module of about 400 lines: every source implements the same small interface below, and the
+split-name rules are shared by all of them.
+
 Every source has the same small interface:
 
 * ``len(source)``; ``source[i]`` -> ``{'image': uint8 (H, W, 3), 'label': int}`` (grayscale expanded to RGB);
@@ -30,6 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vggjax.data import transforms
+from vggjax.settings import DataSettings, data_settings
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
                          'Bag', 'Ankle boot')
@@ -406,10 +410,10 @@ class TfdsSource(Source):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def open_source(data_cfg, split: str) -> Source:
-  """The source of a split as data_cfg describes it (data_cfg: the config's ``data`` block)."""
-  kind = data_cfg.source
-  data_dir = data_cfg.get('data_dir', '') or ''
+def open_source(data: DataSettings, split: str) -> Source:
+  """The source of a split as the data settings describe it (or a config's ``data`` block)."""
+  data = data_settings(data)
+  kind, data_dir = data.source, data.data_dir
   if kind == 'digits':
     return digits_source(split)
   if kind in ('mnist', 'fashion_mnist'):
@@ -420,6 +424,5 @@ def open_source(data_cfg, split: str) -> Source:
                               'and ROOT/val/<class>/<images>')
     return FolderSource(data_dir, split)
   if kind == 'tfds':
-    return TfdsSource(data_cfg.name, split, data_dir, data_cfg.get('image_key', 'image'),
-                      data_cfg.get('label_key', 'label'))
+    return TfdsSource(data.name, split, data_dir, data.image_key, data.label_key)
   raise ValueError(f"unknown data.source {kind!r}: use tfds, folder, digits, mnist or fashion_mnist")
