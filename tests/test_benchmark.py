@@ -157,6 +157,7 @@ def test_cli_prints_json_with_every_field(cli_record):
   assert e['gflops_per_image'] == pytest.approx(vb.eval_flops_per_image('vgg11', 64, 32, **TINY_OPTIONS) / 1e9)
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_batch_the_devices_cannot_split():
   proc = subprocess.run([sys.executable, '-m', 'vggjax.benchmark', *TINY, '--batch=3', '--eval_size=0'],
                         cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -179,6 +179,7 @@ def test_torchvision_bn_model_via_the_cli(crops, tmp_path):
   assert relative_error(got, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_cli_names_the_mismatch_for_the_wrong_model(tmp_path):
   torch.save({k: torch.from_numpy(v) for k, v in narrow_torch_state_dict('vgg11_bn').items()},
              tmp_path / 'small.pth')
@@ -315,6 +316,7 @@ def narrow_keras_vgg11(keras, conv_format, flatten_format, seed=0):
     ('channels_first', 'narrow.keras', 'HWC'),  # Keras' Flatten moves channels last: the usual case
     ('channels_last', 'narrow.h5', 'CHW'),  # the map flattened as it lies: (C, H, W)
 ])
+@pytest.mark.slow
 def test_keras_channels_first_models(flatten_format, filename, order, crops, tmp_path):
   """Narrow channels_first Keras models in a .keras archive and a legacy full-model .h5: the model config
   tells fc1's flatten order and the logits equal Keras'."""

@@ -119,6 +119,7 @@ def test_dense_equals_fc_net_on_windows_at_stride_32():
   np.testing.assert_allclose(crop_logits, [_fc_net(params, p) for p in crop_pool5], **tol)
 
 
+@pytest.mark.slow
 def test_padded_dense_equals_the_unpadded_image_and_its_flip():
   """The bucketed dense evaluation (masks at every conv input) equals the network on the exact image, for
   sizes that are not multiples of 32, in both orientations, whatever the padding holds (fc6 spans 2x2)."""
@@ -278,6 +279,7 @@ def _reference(model, variables, source, q):
   return {'single': single, 'dense': dense, 'multicrop': multi, 'dense+multicrop': (dense + multi) / 2}
 
 
+@pytest.mark.slow
 def test_every_image_once_with_a_split_not_a_multiple_of_the_batch(result, two_models, source):
   """13 images of 3 shapes per scale, global batch 8 over 8 devices: padded, masked slots; each image's
   posteriors equal the direct computation, and each image is counted exactly once."""

@@ -17,6 +17,7 @@ from vggjax import boxes, config_lib, localization_model, train
 SMALL = dict(width=0.125, fc_features=32, image_size=32, init='glorot')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('head,outputs', [('scr', 4), ('pcr', 40), ('classify', 10)])
 def test_head_shapes(head, outputs):
   model = localization_model.get_box_model('vgg11', head, 10, **SMALL)
@@ -41,6 +42,7 @@ def test_class_box_picks_the_label_box():
   np.testing.assert_array_equal(scr, out[:, :4])
 
 
+@pytest.mark.slow
 def test_dense_box_map_at_training_size_is_the_crop_prediction():
   model = localization_model.get_box_model('vgg11', 'pcr', 3, **SMALL)
   variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
@@ -94,6 +96,7 @@ def test_config_checks_the_head():
     config_lib.validate(_cfg(head='pcr'))
 
 
+@pytest.mark.slow
 def test_box_train_step_learns_a_fixed_batch():
   """The train step with a box head lowers the Euclidean loss on a repeated batch (and leaves masked
   examples out)."""

@@ -124,6 +124,7 @@ def test_max_pool_equals_flax_max_pool_values_and_gradients():
   np.testing.assert_array_equal(np.asarray(grad(models.max_pool_2x2)), np.asarray(grad(ref)))
 
 
+@pytest.mark.slow
 def test_lrn_matches_krizhevsky_formula():
   x = np.random.RandomState(0).randn(2, 3, 4, 9).astype(np.float32) * 10
   got = np.asarray(models.local_response_norm(jnp.asarray(x)))
@@ -141,6 +142,7 @@ def test_lrn_matches_krizhevsky_formula():
   assert np.abs(la - lb).max() > 0.1 * np.abs(la).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['vgg11', 'vgg16_c', 'vgg13_bn'])
 def test_fully_convolutional_one_set_of_params(name):
   model = models.get_model(name, width=1 / 16, fc_features=64, num_classes=7)
@@ -196,6 +198,7 @@ def test_dropout_only_in_training():
     ('torchvision', np.sqrt(2 / (9 * 128)), 0.01),  # fan-out of conv2_1 at full width: 3*3*128
     ('glorot', np.sqrt(2 / (9 * 64 + 9 * 128)), np.sqrt(2 / (25088 + 4096))),
 ])
+@pytest.mark.slow
 def test_init_schemes(init, conv_std, fc_std):
   model = models.get_model('vgg11', init=init)
   x = jnp.zeros((1, 224, 224, 3))

@@ -37,6 +37,7 @@ def _optimizer(**overrides):
 # Warm start: init_layers
 
 
+@pytest.mark.slow
 def test_init_layers_all_copies_every_layer_of_the_same_net(tmp_path):
   """The S=384 net starts from the S=256 net: every layer (and every batch-norm statistic) is copied."""
   mesh = parallel.make_mesh()
@@ -51,6 +52,7 @@ def test_init_layers_all_copies_every_layer_of_the_same_net(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(src_vars))
 
 
+@pytest.mark.slow
 def test_init_layers_all_keeps_a_new_fc8_and_paper_copies_seven(tmp_path):
   mesh = parallel.make_mesh()
   tx = optim.make_optimizer(_optimizer())
@@ -80,6 +82,7 @@ def test_init_layers_all_keeps_a_new_fc8_and_paper_copies_seven(tmp_path):
 # Freezing: train.trainable
 
 
+@pytest.mark.slow
 def test_frozen_layers_get_no_update_no_decay_and_no_optimizer_state():
   mesh = parallel.make_mesh()
   model = models.get_model('vgg11_bn', **SMALL)
@@ -111,6 +114,7 @@ def test_frozen_layers_get_no_update_no_decay_and_no_optimizer_state():
     config_lib.validate(bad)
 
 
+@pytest.mark.slow
 def test_frozen_step_equals_zero_lr_on_frozen_layers():
   """Trainable layers move exactly as in a full step whose frozen layers are simply not updated."""
   mesh = parallel.make_mesh()
@@ -144,6 +148,7 @@ def _accumulated(name, k, n=256, steps=2):
   return jax.device_get(state), out
 
 
+@pytest.mark.slow
 def test_accumulation_4x64_equals_1x256():
   s1, m1 = _accumulated('vgg11', 1)
   s4, m4 = _accumulated('vgg11', 4)
@@ -156,6 +161,7 @@ def test_accumulation_4x64_equals_1x256():
     assert float(a['train_top1']) == pytest.approx(float(b['train_top1']), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulated_steps_resume_exactly():
   """A resumed run repeats the accumulated step bit for bit: the step is a function of the state (its step
   counter and RNG) and the batch, whatever was computed before."""
@@ -175,6 +181,7 @@ def test_accumulated_steps_resume_exactly():
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(state))
 
 
+@pytest.mark.slow
 def test_accumulation_with_batch_norm_uses_micro_batch_statistics():
   """_bn nets: each micro-batch is normalised with its own statistics and the running averages are updated
   once per micro-batch, in order: k micro-batches equal k forward passes, not one big batch."""
@@ -255,6 +262,7 @@ def test_deep_net_from_scratch_with_the_paper_init_warns(caplog):
 # Colour statistics, pooling, test scales
 
 
+@pytest.mark.slow
 def test_dataset_colour_pca_reaches_the_step():
   from vggjax import preprocessing
   from vggjax.data import prepare

@@ -33,6 +33,7 @@ def _run(name, devices, steps=3, **step_options):
   return state, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['vgg11', 'vgg11_bn'])
 def test_eight_devices_equal_one_device_with_dropout(name):
   devices = parallel.devices_in_order()
@@ -221,6 +222,7 @@ def test_step_cosine_warmup_schedules():
   assert not c.on_eval(0.1)  # only the plateau schedule reacts to validation
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_gradient_or_update_is_caught_and_never_applied():
   model = models.get_model('vgg11', **SMALL)
   tx = optim.make_optimizer(default.get_config().optimizer)
@@ -254,6 +256,7 @@ def test_nonfinite_loss_gradient_or_update_is_caught_and_never_applied():
     train._check_faults(state, 'stop')
 
 
+@pytest.mark.slow
 def test_warm_start_copies_exactly_the_named_layers(tmp_path):
   mesh = parallel.make_mesh()
   tx = optim.make_optimizer(default.get_config().optimizer)

@@ -111,13 +111,15 @@ def main(argv, flag_holders) -> None:
                     ', '.join(f'{m.label} ({m.checkpoint})' for m in eval_models), data_cfg.eval_split,
                     len(source), ','.join(f['protocols']), [list(m.scales) for m in eval_models],
                     jax.device_count(), jax.process_count())
-  settings = ProtocolSettings(
+  from vggjax.settings import DataSettings
+  data = DataSettings.from_config(data_cfg)  # the run's data block; a field it lacks: configs/default.py's
+  protocol_settings = ProtocolSettings(
       protocols=tuple(f['protocols']), batch_size=f['batch_size'], num_threads=f['num_threads'],
-      aspect_buckets=tuple(aspects), flip=bool(data_cfg.get('flip', True)) if f['flip'] is None else f['flip'],
-      dct_scaling=bool(data_cfg.get('jpeg_dct_scaling', True)))
-  result = ProtocolEvaluator(eval_models, source, settings).run()
+      aspect_buckets=tuple(aspects), flip=data.flip if f['flip'] is None else f['flip'],
+      dct_scaling=data.jpeg_dct_scaling)
+  result = ProtocolEvaluator(eval_models, source, protocol_settings).run()
   result['split'] = str(data_cfg.eval_split)
-  result['dataset'] = str(data_cfg.get('name', '') or data_cfg.source)
+  result['dataset'] = data.name or data.source
   if jax.process_index() == 0:
     path = write_results(result, workdir)
     print(format_table(result))

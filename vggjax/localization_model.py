@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax import boxes as boxes_lib
+from vggjax.settings import ModelSettings
 from vggjax import models
 
 HEADS = ('classify', 'scr', 'pcr')
@@ -110,7 +111,7 @@ def load_box_weights(path: str) -> tuple[dict, dict, Any]:
   if kind != 'run':
     raise ValueError(f'{path} is a weights directory; a localisation net is read from its training run')
   config = json.loads((directory / 'config.json').read_text())
-  head = config['model'].get('head', 'classify')
+  head = ModelSettings.from_config(config['model']).head  # older runs' config.json: configs/default.py's
   if head not in BOX_HEADS:
     raise ValueError(f'{path} is a {head!r} run, not a localisation run (model.head scr or pcr)')
   meta = checkpoints.load_meta(path)

@@ -40,6 +40,7 @@ from vggjax import boxes as boxes_lib
 from vggjax import checkpoints, cli, localization_model, runlog
 from vggjax.data import boxes_source, transforms
 from vggjax.evaluation import inference
+from vggjax.settings import DataSettings
 
 log = logging.getLogger('vggjax')
 PROTOCOLS = ('crop', 'dense')
@@ -107,7 +108,8 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
     data_cfg.data_dir = data_dir
   split = split or data_cfg.eval_split
   source = boxes_source.open_source(data_cfg, split)
-  q = int(scale or data_cfg.get('eval_scale', 0) or data_cfg.scale_min)
+  data_settings = DataSettings.from_config(data_cfg)  # a field the run's config lacks: configs/default.py's
+  q = int(scale or data_settings.eval_scale or data_settings.scale_min)
   size_c, size_l = cls_model.image_size, loc_model.image_size
   if q < max(size_c, size_l):
     raise ValueError(f'the test scale {q} is below a training size ({size_c}, {size_l})')
@@ -121,7 +123,7 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
   n = min(len(source), max_images) if max_images else len(source)
   t0 = time.time()
   images, labels, gts, scales, crops_c, crops_l, offsets, whole = [], [], [], [], [], [], [], []
-  dct = bool(data_cfg.get('jpeg_dct_scaling', True))
+  dct = data_settings.jpeg_dct_scaling
   for i in range(n):
     data, label = source.record(i)
     h0, w0 = transforms.dimensions(data)
