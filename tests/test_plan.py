@@ -187,6 +187,20 @@ def test_max_batch_search_without_figures_bisects():
   assert plan.search_max_batch(lambda b: None, 10, 64, 8)[:2] == (0, 8)
 
 
+def test_max_batch_search_bisects_when_the_compiler_stops_before_the_line():
+  """As VGG-A on a v5litepod-8 did: the figures are affine below the edge, but the compiler runs out of memory
+  (no figure) well before the line's edge. The search bisects between the last fit and the line's failed
+  guess instead of stepping down from it one granule per compile, and ends on the compiled edge."""
+  probe, asked = _affine_probe(2 * 2 ** 30, 20 * 2 ** 20, 0.0)
+  edge = 500
+
+  def capped(b):
+    return probe(b) if b <= edge else None
+  lo, hi, why = plan.search_max_batch(capped, 16 * 2 ** 30, 32, 8)
+  assert (lo, hi) == (496, 504), why
+  assert len(why) <= 10, why  # stepping down from the line's 712 one granule at a time took 12+
+
+
 def test_valid_taps_against_the_analytic_count():
   """At the paper's size the analytic count (every tap) and the compiler's (taps inside the image) differ by
   the zero padding only: within 5% for A, D and E."""

@@ -688,6 +688,8 @@ def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: 
       if t2 > t1 and b2 > b1:
         guess = floor(b1 + (hbm_bytes - t1) * (b2 - b1) / (t2 - t1))
         reason = f'the line through {b1} and {b2}'
+        if hi is not None and guess >= hi:  # the line overshoots a batch that does not fit: bisect instead
+          guess = None
     if guess is None:  # no line yet: double up, halve down, or bisect
       if hi is None:
         guess, reason = 2 * lo, 'double'
