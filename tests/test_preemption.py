@@ -121,12 +121,18 @@ def _two_processes(workdir, *extra, signal_on: str | None = None) -> tuple[list[
         workdir, *TWO_PROCESS, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
         f'--process_id={i}', env=cli_util.cli_env(None, num_devices=2), log=logs[i]))
   t0 = None
-  if signal_on is not None:
-    _wait_for_line(logs[0], signal_on, procs[0])
-    t0 = time.time()
+  try:
+    if signal_on is not None:
+      _wait_for_line(logs[0], signal_on, procs[0])
+      t0 = time.time()
+      for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:  # a hung or failed run must not outlive its test
     for p in procs:
-      p.send_signal(signal.SIGTERM)
-  codes = [p.wait(timeout=600) for p in procs]
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   elapsed = time.time() - t0 if t0 is not None else 0.0
   texts = [log.read_text() for log in logs]
   assert codes == [0, 0], '\n'.join(t[-3000:] for t in texts)
