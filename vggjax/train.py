@@ -490,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     batches = pipeline.eval_iterator(data, global_batch_size=t.global_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     log.info('step %d: evaluating on %s', step, data.eval_split)
-    result = ValidationEvaluator(eval_step, mesh, lambda: batches).run(state.variables, stop=stop.in_eval)
+    result = evaluate(eval_step, state.variables, batches, mesh, stop=stop.in_eval)
     reduced = schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': step / steps_per_epoch, **result, 'lr_reduced': reduced}
     skipped = parallel.sum_over_processes(batches.skipped)
