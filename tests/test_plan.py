@@ -201,6 +201,15 @@ def test_max_batch_search_bisects_when_the_compiler_stops_before_the_line():
   assert len(why) <= 10, why  # stepping down from the line's 712 one granule at a time took 12+
 
 
+
+def test_max_batch_search_stops_at_its_limit():
+  """Where everything up to the limit fits (VGG-A in a v5p's 95 GiB), the answer is the limit, with no batch
+  known not to fit; the limit itself is compiled, never a batch above it."""
+  probe, asked = _affine_probe(2 * 2 ** 30, 20 * 2 ** 20, 0.0)
+  lo, hi, why = plan.search_max_batch(probe, 95 * 2 ** 30, 64, 8, limit=1024)
+  assert (lo, hi) == (1024, None), why
+  assert max(asked) == 1024
+
 def test_valid_taps_against_the_analytic_count():
   """At the paper's size the analytic count (every tap) and the compiler's (taps inside the image) differ by
   the zero padding only: within 5% for A, D and E."""

@@ -740,7 +740,7 @@ def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], Non
 
   step = math.lcm(k, max(1, granularity))  # the per-chip batch must split into the accumulation steps
   lo, hi, why = search_max_batch(probe, target.hbm_bytes, start, step, limit)
-  return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step,
+  return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step, 'limit': limit,
           'dtype': str(steps.config.model.dtype),
           'remat': bool(steps.config.model.remat), 'hbm_bytes': target.hbm_bytes,
           'probes': {str(b): p for b, p in sorted(probes.items())}, 'search': why}
@@ -748,7 +748,7 @@ def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], Non
 
 def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), find_max_batch: bool = False,
          train_examples: int = 0, granularity: int = 8, log: Callable[[str], None] = lambda s: None,
-         compiled_out: dict | None = None) -> dict:
+         compiled_out: dict | None = None, max_batch_limit: int = 4096) -> dict:
   """Compiles the config's steps for the target and returns the report (a JSON-able dict). The compiled
   executables are put in `compiled_out` (by step name) when given."""
   compiled_out = {} if compiled_out is None else compiled_out
@@ -819,7 +819,7 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
     if find_max_batch:
       log(f'largest per-chip batch whose train step fits in {target.hbm_bytes / GIB:.1f} GiB:')
       found = max_batch(steps, target, per_chip, log, known={per_chip: comp} if comp.ok or comp.oom else None,
-                        granularity=granularity)
+                        granularity=granularity, limit=max_batch_limit)
       b = found['max_per_chip_batch']
       if b:
         found['global_batch_at_max'] = b * n
@@ -980,7 +980,9 @@ def format_report(r: dict) -> str:
       lines.append(f'\nlargest per-chip batch whose train step fits ({mb["dtype"]}'
                    f'{", remat" if mb["remat"] else ", no remat"}): {b} '
                    f'(global {mb["global_batch_at_max"]}); '
-                   f'{mb["first_not_fitting"] or "-"} does not fit'
+                   + (f'{mb["first_not_fitting"]} does not fit' if mb['first_not_fitting'] else
+                      f'larger batches were not tried (the search stops at --max_batch_limit='
+                      f'{mb.get("limit", 4096)})')
                    + (f'; the config\'s batch {r["global_batch"]} needs train.accumulate_steps={acc}'
                       if acc > 1 else ''))
     else:
@@ -1040,6 +1042,8 @@ def _define_flags():
   f['batch_granularity'] = flags.DEFINE_integer('batch_granularity', 8, '--max_batch: per-chip batches in '
                                                 'multiples of this.')
   f['hbm_gib'] = flags.DEFINE_float('hbm_gib', 0.0, 'Override the HBM per chip (GiB), e.g. to keep a margin.')
+  f['max_batch_limit'] = flags.DEFINE_integer('max_batch_limit', 4096, '--max_batch: the largest per-chip '
+                                              'batch the search compiles.')
   flags.mark_flags_as_required(['config', 'topology'])
   return f
 
@@ -1059,6 +1063,10 @@ def main(argv, flag_holders) -> None:
     raise app.UsageError(f'--steps: unknown {unknown}; valid: train, eval, dense')
   if f['max_batch'] and 'train' not in f['steps']:
     raise app.UsageError('--max_batch needs the train step in --steps')
+  if f['batch_granularity'] < 1 or f['max_batch_limit'] < f['batch_granularity']:
+    raise app.UsageError(f'--batch_granularity={f["batch_granularity"]} --max_batch_limit='
+                         f'{f["max_batch_limit"]}: the granularity must be at least 1 and the limit at least '
+                         'the granularity')
   try:
     config_lib.validate(config)
     if f['topology'] == 'gpu':
@@ -1074,7 +1082,8 @@ def main(argv, flag_holders) -> None:
   log = functools.partial(print, file=sys.stderr, flush=True)
   try:
     report = plan(config, target, steps_to_plan=tuple(f['steps']), find_max_batch=f['max_batch'],
-                  train_examples=f['train_examples'], granularity=f['batch_granularity'], log=log)
+                  train_examples=f['train_examples'], granularity=f['batch_granularity'], log=log,
+                  max_batch_limit=f['max_batch_limit'])
   except PlanError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(EXIT_COMPILE_ERROR)
