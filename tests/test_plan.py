@@ -142,9 +142,11 @@ def test_max_batch_fits_and_its_double_does_not(quarter):
   # An HBM between the memory at 8 and at 16 images per chip: the search (from 8, in steps of 8) probes 8,
   # doubles to 16, and stops (the compiles at 8 and 16 are the fixture's).
   small = dataclasses.replace(target, hbm_bytes=(at8 + at16) // 2)
-  found = plan.max_batch(steps, small, 8, print, known=compiled, granularity=8)
+  kept = {}
+  found = plan.max_batch(steps, small, 8, print, known=compiled, granularity=8, compiled_out=kept)
   b = found['max_per_chip_batch']
   assert b == 8
+  assert kept['train_at_max_batch'] is compiled[8]  # the edge's program, reported without compiling again
   assert found['probes'][str(b)]['fits'] and found['probes'][str(b)]['total_bytes'] <= small.hbm_bytes
   assert found['first_not_fitting'] <= 2 * b  # memory grows with the batch: the double does not fit either
   assert not found['probes'][str(found['first_not_fitting'])]['fits']

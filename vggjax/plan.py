@@ -717,18 +717,24 @@ def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: 
 
 
 def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], None], limit: int = 4096,
-              known: dict[int, Compiled] | None = None, granularity: int = 1) -> dict:
+              known: dict[int, Compiled] | None = None, granularity: int = 1,
+              compiled_out: dict | None = None) -> dict:
   """The largest per-chip batch (a multiple of `granularity` and of the accumulation steps) whose train
   step fits in HBM, by compiling (``search_max_batch``: the line through two compiles predicts the edge,
-  then the edge and one step above it are compiled)."""
+  then the edge and one step above it are compiled). The compiled train step at that batch is put in
+  `compiled_out['train_at_max_batch']` when given."""
   from vggjax import benchmark
   probes: dict[int, dict] = {}
+  fitting: dict[int, Compiled] = {}  # the largest fitting probe's program, kept for its report
   k = max(1, steps.accumulate_steps)
 
   def probe(b: int) -> int | None:
     comp = (known or {}).get(b) or train_memory(steps, target, b, log)
     mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
     total = checked_memory(mem, target, 'train')[0] if mem else None
+    if comp.ok and total is not None and total <= target.hbm_bytes and b > max(fitting, default=0):
+      fitting.clear()
+      fitting[b] = comp
     probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
                  'total_bytes': total, 'compile_s': round(comp.seconds, 1),
                  'error': None if comp.ok else comp.error.splitlines()[0][:300]}
@@ -740,6 +746,8 @@ def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], Non
 
   step = math.lcm(k, max(1, granularity))  # the per-chip batch must split into the accumulation steps
   lo, hi, why = search_max_batch(probe, target.hbm_bytes, start, step, limit)
+  if compiled_out is not None and lo in fitting:
+    compiled_out['train_at_max_batch'] = fitting[lo]
   return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step, 'limit': limit,
           'dtype': str(steps.config.model.dtype),
           'remat': bool(steps.config.model.remat), 'hbm_bytes': target.hbm_bytes,
@@ -819,11 +827,18 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
     if find_max_batch:
       log(f'largest per-chip batch whose train step fits in {target.hbm_bytes / GIB:.1f} GiB:')
       found = max_batch(steps, target, per_chip, log, known={per_chip: comp} if comp.ok or comp.oom else None,
-                        granularity=granularity, limit=max_batch_limit)
+                        granularity=granularity, limit=max_batch_limit, compiled_out=compiled_out)
       b = found['max_per_chip_batch']
       if b:
         found['global_batch_at_max'] = b * n
         found['accumulate_steps_for_config_batch'] = math.ceil(gb / (b * n)) if b * n < gb else 1
+        at_max = compiled_out.pop('train_at_max_batch', None)
+        if at_max is not None and steps.accumulate_steps == 1:  # the edge's own program: no extra compile
+          found['train_step'] = step_report(
+              'train', at_max, target, global_batch=b * n, analytic_flops_per_image=3 * fwd, state_parts=parts,
+              batch_bytes_per_chip=b * img_bytes, image_hw=(size, size),
+              valid_flops_per_image=valid_tap_flops(steps.model, (size, size), True),
+              step_remat=bool(m.remat))
       report['max_batch'] = found
   eval_gb = gb
   variables_bytes = parts['parameters_bytes'] + _nbytes(steps.abstract_state().batch_stats)
@@ -865,6 +880,13 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
     report['schedule'] = {'kind': 'estimate', 'epochs': t.num_epochs if not t.max_steps else None,
                           'train_examples': num_train, 'dataset': data_source, 'steps': steps_total,
                           'days': seconds / 86400, 'chip_hours': seconds / 3600 * n}
+  at_max = report.get('max_batch', {}).get('train_step', {}).get('estimate')
+  if at_max and not t.max_steps:  # the same epochs at the largest batch (the recipe's lr is not rescaled)
+    gbm = report['max_batch']['global_batch_at_max']
+    steps_max = math.ceil(t.num_epochs * num_train / gbm)
+    seconds = steps_max * at_max['step_s']
+    report['max_batch']['schedule'] = {'kind': 'estimate', 'epochs': t.num_epochs, 'steps': steps_max,
+                                       'days': seconds / 86400, 'chip_hours': seconds / 3600 * n}
   jittered = int(d.scale_max) > int(d.scale_min)
   per_core = PIPELINE_IMAGES_PER_CORE_S['jittered' if jittered else 'fixed']
   inp: dict[str, Any] = {'hosts': target.hosts, 'processes': target.hosts,
@@ -983,6 +1005,13 @@ def format_report(r: dict) -> str:
                    + (f'{mb["first_not_fitting"]} does not fit' if mb['first_not_fitting'] else
                       f'larger batches were not tried (the search stops at --max_batch_limit='
                       f'{mb.get("limit", 4096)})')
+                   + ''.join(f'\n  at that batch: {ts["memory"]["total_bytes"] / GIB:.2f} GiB per chip; '
+                             f'ESTIMATE {ts["estimate"]["images_per_s"]:,.0f} images/s, MFU '
+                             f'{100 * ts["estimate"]["mfu"]:.0f}%' for ts in [mb.get('train_step')]
+                             if ts and ts.get('estimate'))
+                   + ''.join(f'; {sc["epochs"]} epochs: {sc["days"]:.2f} days, '
+                             f'{sc["chip_hours"]:,.0f} chip-hours (ESTIMATE)' for sc in [mb.get('schedule')]
+                             if sc)
                    + (f'; the config\'s batch {r["global_batch"]} needs train.accumulate_steps={acc}'
                       if acc > 1 else ''))
     else:
