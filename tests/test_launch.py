@@ -502,9 +502,15 @@ def test_sweep_dry_run_local(tmp_path, capsys):
 def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys, monkeypatch):
   # Hermetic: gs:// paths are read from a local folder standing in for the bucket (with gcsfs installed the
   # sweep would otherwise look for finished runs in a real bucket over the network).
+  # Both names: the sweep's own alias and the run-directory module its readers call (read_json, read_rows).
+  from vggjax import rundir
   bucket = tmp_path / 'bucket'
-  monkeypatch.setattr(sweep, '_path', lambda p: pathlib.Path(
-      bucket / p.split('://', 1)[1] if sweep._is_remote(p) else p))
+
+  def local(p):
+    p = os.fspath(p)
+    return pathlib.Path(bucket / p.split('://', 1)[1] if sweep._is_remote(p) else p)
+  monkeypatch.setattr(sweep, '_path', local)
+  monkeypatch.setattr(rundir, 'path', local)
   assert sweep.main(['run', '--root=gs://bucket/sweep', '--config=configs/vgg11.py', '--grid',
                      'optimizer.lr=0.01,0.02', '--launcher=tpu', '--dry-run', '--', '--name=vgg',
                      '--zone=z']) == 0
