@@ -435,12 +435,13 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
     cmd = [sys.executable, '-m', 'vggjax.evaluate', f'--workdir={tmp_path / "two"}', *common,
            f'--checkpoint={a}', '--protocols=dense,single', '--scales=36',
            f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
-    procs.append(subprocess.Popen(cmd, env=subprocess_env(4), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   logs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], '\n'.join(x[-3000:] for x in logs)
   two = json.loads((tmp_path / 'two' / 'eval.json').read_text())
-  assert two['processes'] == 2 and two['devices'] == 8 and two['num_images'] == 20
+  assert two['processes'] == 2 and two['devices'] == 2 * cli_util.DEVICES_PER_PROCESS
+  assert two['num_images'] == 20
   assert two['buckets'] == {'36': {'36x36': 20}} == {'36': result['buckets']['36']}
   for p in ('dense', 'single'):
     got, want = two['results']['A'][p]['36'], r['A'][p]['36']
@@ -469,7 +470,7 @@ def _evaluate_process(port: str, process_id: str, checkpoint: str, out: str) -> 
   """One of two evaluation processes (`python tests/test_evaluate.py PORT ID CHECKPOINT OUT.npz`): its images'
   indices and posteriors, for the test below."""
   from vggjax import cli
-  cli.set_cpu_devices(4)
+  cli.set_cpu_devices(cli_util.DEVICES_PER_PROCESS)
   parallel.initialize(f'localhost:{port}', 2, int(process_id))
   result = ev.evaluate([ev.load_model(checkpoint, scales=[36])], _digits_source(),
                        protocols=('dense', 'single'), batch_size=8, flip=False, progress=False,
@@ -482,8 +483,9 @@ def _evaluate_process(port: str, process_id: str, checkpoint: str, out: str) -> 
 
 @pytest.mark.slow
 def test_two_processes_evaluate_every_image_once_with_the_posteriors_of_one(tmp_path):
-  """2 processes x 4 devices: each image of the split by exactly one process, its posterior that of one
-  process on 8 devices (error rates alone would not see an image evaluated twice and another missed)."""
+  """2 processes (cli_util.DEVICES_PER_PROCESS devices each): each image of the split by exactly one
+  process, its posterior that of one process on 8 devices (error rates alone would not see an image
+  evaluated twice and another missed)."""
   a = _save(tmp_path / 'A', 'vgg11', 0, 32, 40)
   for attempt in range(3):  # again when joining failed (cli_util.JOINING_FAILED)
     port = cli_util.free_port()
@@ -492,7 +494,8 @@ def test_two_processes_evaluate_every_image_once_with_the_posteriors_of_one(tmp_
     for i in range(2):
       with open(logs[i], 'wb') as log:
         cmd = [sys.executable, __file__, str(port), str(i), a, str(tmp_path / f'p{i}.npz')]
-        procs.append(subprocess.Popen(cmd, env=subprocess_env(4), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS), stdout=log,
+                                      stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in procs]
     text = [x.read_text(errors='replace') for x in logs]
     if codes == [0, 0] or not any(cli_util.joining_failed(x) for x in text):

@@ -107,19 +107,19 @@ def test_orbax_saves_do_not_report_training_steps_to_the_preemption_service(tmp_
 
 
 def _two_processes(workdir, *extra, signal_on: str | None = None) -> tuple[list[str], float]:
-  """Runs TWO_PROCESS as 2 processes x 2 CPU devices; with signal_on, SIGTERM to both once process 0 has
+  """Runs TWO_PROCESS as 2 processes x 1 CPU device; with signal_on, SIGTERM to both once process 0 has
   logged that line. Returns their logs and the seconds from the signal to the last exit. Without the
   persistent compilation cache: 2 processes restoring the executables the reference run cached stall in the
-  CPU collectives' set-up (Gloo's 30 s rendezvous times out). Two devices per process, not four: with four
-  virtual devices per process on a 2-core machine, an uninterrupted 2-process run hung (rarely) inside the
-  evaluation step's all-gather, two of a process's device threads in the collective and two waiting to
-  start; this test runs several hundred such collectives."""
+  CPU collectives' set-up (Gloo's 30 s rendezvous times out). One device per process
+  (cli_util.DEVICES_PER_PROCESS): with 4, then 2 virtual devices per process, the uninterrupted run hung in
+  the evaluation step's all-gather on a 2-core machine (once each, in full test runs)."""
   port = cli_util.free_port()
   procs, logs = [], [workdir / f'log{i}.txt' for i in range(2)]
   for i in range(2):
     procs.append(cli_util.start(
         workdir, *TWO_PROCESS, *extra, f'--coordinator_address=localhost:{port}', '--num_processes=2',
-        f'--process_id={i}', env=cli_util.cli_env(None, num_devices=2), log=logs[i]))
+        f'--process_id={i}', env=cli_util.cli_env(None, num_devices=cli_util.DEVICES_PER_PROCESS),
+        log=logs[i]))
   t0 = None
   try:
     if signal_on is not None:
@@ -141,13 +141,14 @@ def _two_processes(workdir, *extra, signal_on: str | None = None) -> tuple[list[
   return texts, elapsed
 
 
-# The tiny run on 2 processes, 8 images a step, evaluated on every training image (1,497: 188 batches, each
-# one a collective over both processes) at step 8 and at its end, step 12.
+# The tiny run on 2 processes, 8 images a step, evaluated on 400 training images (50 batches, each one a
+# collective over both processes, each preceded by a look at the preemption service) at step 8 and at its
+# end, step 12.
 TWO_PROCESS = ['--config.model.width=0.125', '--config.model.fc_features=32', '--config.train.max_steps=12',
                '--config.train.log_every_steps=2', '--config.train.checkpoint_every_steps=4',
                '--config.train.eval_every_steps=8', '--config.optimizer.schedule=constant',
                '--config.train.global_batch_size=8', '--config.train.plot=False',
-               '--config.data.eval_split=train']
+               '--config.data.eval_split=train[:400]']
 
 
 def test_sigterm_to_both_processes_during_evaluation_resumes_identically(tmp_path):

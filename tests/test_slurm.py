@@ -1,6 +1,7 @@
 """launch/slurm.py under a real SLURM scheduler (tests/slurm_cluster.py: munged, slurmctld, slurmd on this
 machine): the generated batch script, submitted with sbatch, runs 2 vggjax processes of one job on one CPU
-node, each on its half of 8 virtual CPU devices, joined by jax.distributed from SLURM's environment.
+node, each on its share of the node's virtual CPU devices (one each: cli_util.DEVICES_PER_PROCESS), joined by
+jax.distributed from SLURM's environment.
 
 What they prove: the 2 processes train the demo to the parameters of 1 process on 8 devices (the
 checkpoint, written by both, restores in one process); SLURM's SIGTERM reaches both trainers through srun,
@@ -46,10 +47,12 @@ def cache(tmp_path_factory):
 
 
 def submit(cluster, cache, workdir) -> str:
-  """launch/slurm.py as a user runs it: 2 processes on the CPU node, 4 virtual CPU devices each."""
+  """launch/slurm.py as a user runs it: 2 processes on the CPU node, cli_util.DEVICES_PER_PROCESS virtual CPU
+  devices each."""
   env = cluster.env(cli_util.cli_env(None))  # no persistent cache for 2 processes: cli_util.MULTIPROCESS_CACHE
   p = subprocess.run([sys.executable, str(REPO / 'launch' / 'slurm.py'), f'--workdir={workdir}',
-                      '--gpus-per-node=0', '--processes-per-node=2', '--cpu-devices-per-node=8',
+                      '--gpus-per-node=0', '--processes-per-node=2',
+                      f'--cpu-devices-per-node={2 * cli_util.DEVICES_PER_PROCESS}',
                       f'--python={sys.executable}', '--', *TRAIN],
                      env=env, capture_output=True, text=True, timeout=60)
   assert p.returncode == 0, p.stderr
