@@ -498,7 +498,6 @@ def test_sweep_dry_run_local(tmp_path, capsys):
   assert not root.exists()  # a dry run writes nothing
 
 
-@pytest.mark.slow
 def test_sweep_dry_run_tpu_and_slurm(tmp_path, capsys, monkeypatch):
   # Hermetic: gs:// paths are read from a local folder standing in for the bucket (with gcsfs installed the
   # sweep would otherwise look for finished runs in a real bucket over the network).
