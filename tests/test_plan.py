@@ -212,6 +212,20 @@ def test_max_batch_search_stops_at_its_limit():
   assert (lo, hi) == (1024, None), why
   assert max(asked) == 1024
 
+
+def test_max_batch_search_out_of_compiles_keeps_its_bracket():
+  """A search that runs out of compiles (D in a v5p's 95 GiB needed 14) returns the largest batch known to
+  fit and the smallest known not to, and says it stopped, instead of failing and losing both."""
+  probe, _ = _affine_probe(2 * 2 ** 30, 20 * 2 ** 20, 0.0)
+  asked = []
+
+  def capped(b):  # the compiler gives up above 1000
+    asked.append(b)
+    return probe(b) if b <= 1000 else None
+  lo, hi, why = plan.search_max_batch(capped, 95 * 2 ** 30, 64, 8, max_probes=4)
+  assert len(set(asked)) == 4 and why[-1] == f'stopped after 4 compiles: the edge lies between {lo} and {hi}'
+  assert lo <= 1000 < hi and lo in asked and hi in asked and hi - lo > 8
+
 def test_valid_taps_against_the_analytic_count():
   """At the paper's size the analytic count (every tap) and the compiler's (taps inside the image) differ by
   the zero padding only: within 5% for A, D and E."""

@@ -651,21 +651,27 @@ def train_memory(steps: Steps, target: Target, per_chip: int, log: Callable[[str
                       f'train step (per-chip batch {per_chip})', target, log)
 
 
+class _OutOfProbes(Exception):
+  pass
+
+
 def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: int, step: int,
-                     limit: int = 4096, max_probes: int = 12) -> tuple[int, int | None, list[str]]:
+                     limit: int = 4096, max_probes: int = 16) -> tuple[int, int | None, list[str]]:
   """(largest fitting batch or 0, smallest batch known not to fit or None, how each probe was chosen):
   the largest multiple of `step` whose memory `probe(b)` (bytes, or None for out of memory at compile time)
   is at most `hbm_bytes`. The memory of a step is close to affine in its batch, so two probes give a line and
   the line predicts the edge; every answer still comes from probes: the search ends only when a probe that
   fits and a probe `step` above it that does not are both compiled. Where the line misses (or a probe ran
-  out of memory without a figure), the next probe moves one `step` past the last or bisects."""
+  out of memory without a figure), the next probe moves one `step` past the last or bisects. After
+  `max_probes` compiles the search stops with the bracket it has (the last line of `why` says so): the
+  largest batch known to fit and the smallest known not to."""
   totals: dict[int, int | None] = {}
   why: list[str] = []
 
   def ask(b: int, reason: str) -> bool:
     if b not in totals:
       if len(totals) >= max_probes:
-        raise PlanError(f'the largest batch was not found in {max_probes} compiles')
+        raise _OutOfProbes()
       why.append(f'{b}: {reason}')
       totals[b] = probe(b)
     return totals[b] is not None and totals[b] <= hbm_bytes
@@ -675,44 +681,47 @@ def search_max_batch(probe: Callable[[int], int | None], hbm_bytes: int, start: 
 
   b = max(step, floor(start))
   lo, hi = 0, None
-  if ask(b, 'the config\'s per-chip batch'):
-    lo = b
-  else:
-    hi = b
-  while hi is None or hi - lo > step:
-    measured = sorted((k, v) for k, v in totals.items() if v is not None)
-    guess = None
-    if len(measured) >= 2:  # the line through the two measured probes nearest the edge
-      near = sorted(measured, key=lambda kv: abs(kv[1] - hbm_bytes))[:2]
-      (b1, t1), (b2, t2) = sorted(near)
-      if t2 > t1 and b2 > b1:
-        guess = floor(b1 + (hbm_bytes - t1) * (b2 - b1) / (t2 - t1))
-        reason = f'the line through {b1} and {b2}'
-        if hi is not None and guess >= hi:  # the line overshoots a batch that does not fit: bisect instead
-          guess = None
-    if guess is None:  # no line yet: double up, halve down, or bisect
-      if hi is None:
-        guess, reason = 2 * lo, 'double'
-      elif lo == 0:
-        guess, reason = floor(hi / 2), 'halve'
-      else:
-        guess, reason = floor((lo + hi) / 2), 'bisect'
-    # stay strictly inside (lo, hi); a guess on a known probe moves one step inwards
-    guess = max(guess, lo + step)
-    if hi is not None:
-      guess = min(guess, hi - step)
-    if hi is None and guess > limit:
-      if lo >= limit or lo + step > limit:
-        break
-      guess = floor(limit)
-    if guess <= 0 or guess in totals:
-      break
-    if ask(guess, reason):
-      lo = guess
+  try:
+    if ask(b, 'the config\'s per-chip batch'):
+      lo = b
     else:
-      hi = guess
-    if lo == 0 and hi is not None and hi <= step:
-      break
+      hi = b
+    while hi is None or hi - lo > step:
+      measured = sorted((k, v) for k, v in totals.items() if v is not None)
+      guess = None
+      if len(measured) >= 2:  # the line through the two measured probes nearest the edge
+        near = sorted(measured, key=lambda kv: abs(kv[1] - hbm_bytes))[:2]
+        (b1, t1), (b2, t2) = sorted(near)
+        if t2 > t1 and b2 > b1:
+          guess = floor(b1 + (hbm_bytes - t1) * (b2 - b1) / (t2 - t1))
+          reason = f'the line through {b1} and {b2}'
+          if hi is not None and guess >= hi:  # the line overshoots a batch that does not fit: bisect instead
+            guess = None
+      if guess is None:  # no line yet: double up, halve down, or bisect
+        if hi is None:
+          guess, reason = 2 * lo, 'double'
+        elif lo == 0:
+          guess, reason = floor(hi / 2), 'halve'
+        else:
+          guess, reason = floor((lo + hi) / 2), 'bisect'
+      # stay strictly inside (lo, hi); a guess on a known probe moves one step inwards
+      guess = max(guess, lo + step)
+      if hi is not None:
+        guess = min(guess, hi - step)
+      if hi is None and guess > limit:
+        if lo >= limit or lo + step > limit:
+          break
+        guess = floor(limit)
+      if guess <= 0 or guess in totals:
+        break
+      if ask(guess, reason):
+        lo = guess
+      else:
+        hi = guess
+      if lo == 0 and hi is not None and hi <= step:
+        break
+  except _OutOfProbes:
+    why.append(f'stopped after {max_probes} compiles: the edge lies between {lo} and {hi}')
   return lo, hi, why
 
 
@@ -748,7 +757,9 @@ def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], Non
   lo, hi, why = search_max_batch(probe, target.hbm_bytes, start, step, limit)
   if compiled_out is not None and lo in fitting:
     compiled_out['train_at_max_batch'] = fitting[lo]
-  return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'granularity': step, 'limit': limit,
+  exact = (hi - lo <= step) if hi is not None else (lo + step > limit)
+  return {'max_per_chip_batch': lo or None, 'first_not_fitting': hi, 'exact': exact,
+          'granularity': step, 'limit': limit,
           'dtype': str(steps.config.model.dtype),
           'remat': bool(steps.config.model.remat), 'hbm_bytes': target.hbm_bytes,
           'probes': {str(b): p for b, p in sorted(probes.items())}, 'search': why}
@@ -1005,6 +1016,8 @@ def format_report(r: dict) -> str:
                    + (f'{mb["first_not_fitting"]} does not fit' if mb['first_not_fitting'] else
                       f'larger batches were not tried (the search stops at --max_batch_limit='
                       f'{mb.get("limit", 4096)})')
+                   + ('' if mb.get('exact', True) else
+                      f'; NOT the exact edge: {mb["search"][-1]} (the search\'s compiles ran out)')
                    + ''.join(f'\n  at that batch: {ts["memory"]["total_bytes"] / GIB:.2f} GiB per chip; '
                              f'ESTIMATE {ts["estimate"]["images_per_s"]:,.0f} images/s, MFU '
                              f'{100 * ts["estimate"]["mfu"]:.0f}%' for ts in [mb.get('train_step')]
