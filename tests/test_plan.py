@@ -116,6 +116,34 @@ def test_memory_is_the_compilers(one_host):
   assert mem['arguments_bytes'] >= mem['parameters_bytes'] + mem['optimizer_state_bytes'] + mem['batch_bytes']
 
 
+
+@pytest.mark.slow
+def test_unreadable_compiled_text_gives_the_analytic_all_reduce(one_host):
+  """libtpu compiled VGG-A at 4,096 images per v5p chip, then failed to print the program (an XLA RET_CHECK):
+  the plan keeps its memory and FLOPs, takes the gradient all-reduce of the float32 parameters as the
+  collectives, and says so, instead of failing on a program that compiled."""
+  target, report, comp = one_host
+
+  class Unprintable:
+    def __getattr__(self, name):
+      return getattr(comp.compiled, name)
+
+    def as_text(self):
+      raise RuntimeError('INTERNAL: RET_CHECK failure async-update instruction should have 1 operands')
+
+  train = report['steps']['train']
+  size = report['model']['image_size']
+  parts = {k: train['memory'][k] for k in ('parameters_bytes', 'optimizer_state_bytes', 'other_state_bytes')}
+  r = plan.step_report('train', plan.Compiled(True, Unprintable(), comp.seconds), target, global_batch=64,
+                       analytic_flops_per_image=train['flops']['analytic_per_chip'] / 8, state_parts=parts,
+                       batch_bytes_per_chip=train['memory']['batch_bytes'], image_hw=(size, size))
+  assert r['memory'] == train['memory']
+  assert r['flops']['compiler_per_chip'] == train['flops']['compiler_per_chip']
+  [c] = r['collectives']
+  assert (c['kind'], c['link'], c['participants']) == ('all-reduce', 'ICI', 8)
+  assert c['bytes'] == parts['parameters_bytes']
+  assert 'RET_CHECK' in r['collectives_note'] and r['estimate']['step_s'] > 0
+
 def _memory(target, steps, comp, per_chip):
   """The plan's memory report of one compiled train step."""
   parts = plan._state_parts(steps)
