@@ -183,10 +183,11 @@ worker() {
   rm -f "$logdir/train.rc" "$logdir/train.pid" "$logdir/supervisor.pid"
   printf '# %s on %s: %s\n' "$(date -Is)" "$(hostname)" "$(quote_all "${cmd[@]}")" >"$log"
   ln -sfn "$(basename "$log")" "$logdir/latest.log"
-  setsid nohup bash "$0" _supervise "$logdir" "$log" -- "${cmd[@]}" </dev/null >/dev/null 2>&1 &
-  # From here on a dropped connection (SIGHUP) or Ctrl-C ends this follower at once, never the training.
+  # From here on a dropped connection (SIGHUP) or Ctrl-C ends this follower at once, never the training. Set
+  # before the training starts: a signal that arrived between the two used to end the follower unhandled.
   TAIL_PID=''
   trap 'stop_following' INT HUP TERM
+  setsid nohup bash "$0" _supervise "$logdir" "$log" -- "${cmd[@]}" </dev/null >/dev/null 2>&1 &
   local i
   for ((i = 0; i < 100; i++)); do
     [[ -s $logdir/supervisor.pid && -s $logdir/train.pid ]] && break

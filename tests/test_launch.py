@@ -306,7 +306,9 @@ def test_tpu_worker_training_survives_a_dropped_connection(worker_env):
   follower = subprocess.Popen(['bash', TPU_VM, '_worker', f'--logdir={logs}', '--', sys.executable,
                                str(tmp_path / 'program.py'), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-  assert _wait_for(lambda: (logs / 'train.pid').exists() and 'argv' in (logs / 'latest.log').read_text())
+  # The drop as early as it can be seen: the moment the training's pid is written (the follower's handler
+  # is installed before the training starts; installed after it, a drop here ended the follower unhandled).
+  assert _wait_for(lambda: (logs / 'train.pid').exists() and (logs / 'train.pid').read_text().strip())
   pid = int((logs / 'train.pid').read_text())
   follower.send_signal(signal.SIGHUP)  # what the remote shell gets when ssh drops
   _, err = follower.communicate(timeout=30)
