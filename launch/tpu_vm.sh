@@ -145,6 +145,9 @@ supervise() {
 
 stop_following() {
   [[ -z ${TAIL_PID:-} ]] || kill "$TAIL_PID" 2>/dev/null || true
+  # A signal between `tail ... &` and `TAIL_PID=$!` finds TAIL_PID empty: end this shell's tail by name too
+  # (left running, it held the caller's pipes open until the training ended).
+  pkill -TERM -P $$ -x tail 2>/dev/null || true
   echo "$(hostname): stopped following the log; training goes on ($SCRIPT stop ends it)" >&2
   exit 130
 }
