@@ -300,12 +300,21 @@ def test_tpu_worker_detach_and_graceful_stop(worker_env):
   assert 'no training process is running' in stop.stdout
 
 
+def _login_shell_signals():
+  """The signal dispositions of a shell that ssh starts. Once libtpu has been loaded in this test process
+  (JAX initialising its TPU plugin), children inherit SIGHUP ignored, and bash cannot trap a signal ignored
+  on entry: the follower then never saw the drop (a CI failure of the test below, not of the script)."""
+  for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_DFL)
+
+
 def test_tpu_worker_training_survives_a_dropped_connection(worker_env):
   tmp_path, _, env = worker_env
   logs, go = tmp_path / 'logs', tmp_path / 'go'
   follower = subprocess.Popen(['bash', TPU_VM, '_worker', f'--logdir={logs}', '--', sys.executable,
                                str(tmp_path / 'program.py'), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=_login_shell_signals)
   # The drop as early as it can be seen: the moment the training's pid is written (the follower's handler
   # is installed before the training starts; installed after it, a drop here ended the follower unhandled).
   assert _wait_for(lambda: (logs / 'train.pid').exists() and (logs / 'train.pid').read_text().strip())
