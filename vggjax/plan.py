@@ -755,10 +755,11 @@ def max_batch(steps: Steps, target: Target, start: int, log: Callable[[str], Non
     comp = (known or {}).get(b) or train_memory(steps, target, b, log)
     mem = benchmark.compiled_memory(comp.compiled) if comp.ok else None
     total = checked_memory(mem, target, 'train')[0] if mem else None
-    if comp.ok and total is not None and total <= target.hbm_bytes and b > max(fitting, default=0):
+    fits = bool(comp.ok and total is not None and total <= target.hbm_bytes)
+    if fits and b > max(fitting, default=0):
       fitting.clear()
       fitting[b] = comp
-    probes[b] = {'fits': bool(comp.ok and total is not None and total <= target.hbm_bytes),
+    probes[b] = {'fits': fits,
                  'total_bytes': total, 'compile_s': round(comp.seconds, 1),
                  'error': None if comp.ok else comp.error.splitlines()[0][:300]}
     if not comp.ok and not comp.oom:
@@ -860,8 +861,8 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
         at_max = compiled_out.pop('train_at_max_batch', None)
         if at_max is not None and steps.accumulate_steps == 1:  # the edge's own program: no extra compile
           found['train_step'] = step_report(
-              'train', at_max, target, global_batch=b * n, analytic_flops_per_image=3 * fwd, state_parts=parts,
-              batch_bytes_per_chip=b * img_bytes, image_hw=(size, size),
+              'train', at_max, target, global_batch=b * n, analytic_flops_per_image=3 * fwd,
+              state_parts=parts, batch_bytes_per_chip=b * img_bytes, image_hw=(size, size),
               valid_flops_per_image=valid_tap_flops(steps.model, (size, size), True),
               step_remat=bool(m.remat))
       report['max_batch'] = found
@@ -897,21 +898,21 @@ def plan(config, target: Target, *, steps_to_plan=('train', 'eval', 'dense'), fi
     report['steps']['dense']['test_scale'] = q
     if not comp.ok and not comp.oom:
       report.setdefault('failed', {'step': 'dense', 'topology': target.name, 'message': comp.error})
+  def schedule(steps_total: int, step_s: float) -> dict:
+    seconds = steps_total * step_s
+    return {'kind': 'estimate', 'steps': steps_total, 'days': seconds / 86400,
+            'chip_hours': seconds / 3600 * n}
+
   tr = report['steps'].get('train')
   est = tr and tr.get('estimate')
   if est:
-    steps_total = t.max_steps or math.ceil(t.num_epochs * num_train / gb)
-    seconds = steps_total * est['step_s']
-    report['schedule'] = {'kind': 'estimate', 'epochs': t.num_epochs if not t.max_steps else None,
-                          'train_examples': num_train, 'dataset': data_source, 'steps': steps_total,
-                          'days': seconds / 86400, 'chip_hours': seconds / 3600 * n}
-  at_max = report.get('max_batch', {}).get('train_step', {}).get('estimate')
-  if at_max and not t.max_steps:  # the same epochs at the largest batch (the recipe's lr is not rescaled)
-    gbm = report['max_batch']['global_batch_at_max']
-    steps_max = math.ceil(t.num_epochs * num_train / gbm)
-    seconds = steps_max * at_max['step_s']
-    report['max_batch']['schedule'] = {'kind': 'estimate', 'epochs': t.num_epochs, 'steps': steps_max,
-                                       'days': seconds / 86400, 'chip_hours': seconds / 3600 * n}
+    report['schedule'] = {'epochs': t.num_epochs if not t.max_steps else None, 'train_examples': num_train,
+                          'dataset': data_source,
+                          **schedule(t.max_steps or math.ceil(t.num_epochs * num_train / gb), est['step_s'])}
+  est_max = report.get('max_batch', {}).get('train_step', {}).get('estimate')
+  if est_max and not t.max_steps:  # the same epochs at the largest batch (the recipe's lr is not rescaled)
+    steps_max = math.ceil(t.num_epochs * num_train / report['max_batch']['global_batch_at_max'])
+    report['max_batch']['schedule'] = {'epochs': t.num_epochs, **schedule(steps_max, est_max['step_s'])}
   jittered = int(d.scale_max) > int(d.scale_min)
   per_core = PIPELINE_IMAGES_PER_CORE_S['jittered' if jittered else 'fixed']
   inp: dict[str, Any] = {'hosts': target.hosts, 'processes': target.hosts,
