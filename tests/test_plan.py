@@ -231,7 +231,6 @@ def test_max_batch_search_bisects_when_the_compiler_stops_before_the_line():
   assert len(why) <= 10, why  # stepping down from the line's 712 one granule at a time took 12+
 
 
-
 def test_max_batch_search_stops_at_its_limit():
   """Where everything up to the limit fits (VGG-A in a v5p's 95 GiB), the answer is the limit, with no batch
   known not to fit; the limit itself is compiled, never a batch above it."""
