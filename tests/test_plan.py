@@ -344,3 +344,11 @@ def test_impossible_batch_is_reported():
 def test_unknown_topology_lists_the_known():
   r = _run(['--topology=v7-8', '--steps=train'], timeout=300)
   assert r.returncode != 0 and 'v5litepod-N' in r.stderr and 'v6e-N' in r.stderr
+
+
+def test_gpu_without_a_gpu_says_so():
+  """`--topology=gpu` compiles on the attached GPUs (JAX's CUDA plugin has no compile-only GPU topology): on a
+  machine without one the command says so, with a non-zero exit and no traceback."""
+  r = _run(['--topology=gpu', '--steps=train'], timeout=300)
+  assert r.returncode != 0, r.stdout[-2000:]
+  assert 'needs an attached GPU' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-3000:]
