@@ -8,7 +8,7 @@ Two kinds of directory hold weights, and ``load_weights`` reads both:
   temporary directory and renames it when complete, so a half-written step is never restored);
 * a weights directory (made by ``vggjax.convert`` or ``save_weights``): DIR/variables (params and, for _bn
   models, batch_stats) and DIR/vggjax.json, the metadata: the model (name, num_classes, image_size, width,
-  fc_features), the normalization its inputs need, where the weights came from, and the labels.
+  fc_features, and head for a localisation net), the normalization its inputs need, where the weights came from, and the labels.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vggjax import models, rundir, settings
+from vggjax import localization_model, models, rundir, settings
 from vggjax.preprocessing import Normalization
 
 META_FILE = 'vggjax.json'
 CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
-MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features')
+MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features', 'head')
 # The items of a training checkpoint step directory (WORKDIR/checkpoints/<step>/<item>).
 STATE_ITEM, DATA_ITEM, HOST_ITEM = 'state', 'data', 'host'
 
@@ -62,7 +62,7 @@ def meta_from_config(config: Mapping) -> dict:
   d = settings.DataSettings.from_config(config['data'])
   return {
       'model': {'name': m.name, 'num_classes': m.num_classes, 'image_size': d.image_size,
-                'width': m.width, 'fc_features': m.fc_features or None},
+                'width': m.width, 'fc_features': m.fc_features or None, 'head': m.head},
       'normalization': Normalization.from_rgb(d.mean_rgb, d.std_rgb, d.color_order).to_dict(),
       'source': 'vggjax training run',
       'labels': config.get('labels'),
@@ -71,9 +71,12 @@ def meta_from_config(config: Mapping) -> dict:
 
 
 def model_from_meta(meta: Mapping, **overrides) -> models.VGG:
-  """The VGG that weights metadata describes (dropout and dtype may be overridden)."""
+  """The VGG that weights metadata describes, a localisation net's fc8 sized for its head (dropout and dtype
+  may be overridden)."""
   m = {k: v for k, v in meta['model'].items() if k in MODEL_KEYS and v is not None}
-  name = m.pop('name')
+  name, head = m.pop('name'), m.pop('head', 'classify')
+  if 'num_classes' in m:
+    m['num_classes'] = localization_model.box_outputs(head, m['num_classes'])
   return models.get_model(name, **{**m, **overrides})
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from vggjax import cli, models, optim, rundir, settings
+from vggjax import cli, localization_model, models, optim, rundir, settings
+from vggjax.warm_start import parse_init_layers
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
 DTYPES = ('float32', 'bfloat16')
@@ -106,9 +107,8 @@ def _validate_pca(d: ml_collections.ConfigDict) -> None:
 def _validate_recipe(config: ml_collections.ConfigDict) -> None:
   """The paper's recipe fields: warm start (init_layers), freezing (train.trainable), accumulation."""
   m, t = config.model, config.train
-  from vggjax import train  # the layer-spec parsers (imported here: train imports this module lazily)
   try:
-    layers = train.parse_init_layers(settings.value(config, 'init_layers'))
+    layers = parse_init_layers(settings.value(config, 'init_layers'))
   except ValueError as e:
     raise ConfigError(f'config.init_layers={config.init_layers!r} is not valid: {e}') from None
   if config.init_from and layers != 'all':
@@ -138,7 +138,6 @@ def check_init_required(config: ml_collections.ConfigDict) -> None:
 
 def _validate_head(config: ml_collections.ConfigDict) -> None:
   """model.head (optional, default 'classify'): a box head (scr, pcr: paper Appendix A) trains on boxes."""
-  from vggjax import localization_model
   from vggjax.data import boxes_source
   head = config.model.get('head', settings.default_config().model.head)
   _check(head in localization_model.HEADS, 'model.head', head, 'one of ' + ', '.join(localization_model.HEADS))

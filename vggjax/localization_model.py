@@ -1,4 +1,10 @@
-"""The localisation nets of the paper's Appendix A: a VGG whose last layer regresses a bounding box.
+"""The heads of a VGG: what fc8 predicts, what it is trained against, and how it is scored.
+
+A head is an object with ``targets(batch)``, ``loss(outputs, targets)`` and ``hits(outputs, targets)`` (per
+example) and ``eval_sums(outputs, batch, mask)`` (the eval step's sums); ``get_head(config.model.head)``
+gives it, and the train and eval steps call it without knowing which head they train. ``classify`` is the
+paper's classifier (cross-entropy, top-1/top-5); ``scr`` and ``pcr`` are the localisation nets of the paper's
+Appendix A, a VGG whose last layer regresses a bounding box.
 
 The net is the classifier with fc8 replaced by the regressor: the conv body, fc6 and fc7 are the same layers
 (same names, same shapes, so a classification run warm-starts them), and fc8 has
@@ -13,21 +19,21 @@ predicting the box of the training-size window whose top-left corner is (32 i, 3
 training size over pool5, whose stride is 32). ``cell_boxes`` turns such a map into boxes in the pixels of
 the image the net saw.
 
-Nothing new is stored: a localisation run's checkpoint is a VGG's, with fc8 of 4 or 4 x classes outputs;
-``load_box_weights`` reads it.
+Nothing new is stored: a localisation run's checkpoint is a VGG's, with fc8 of 4 or 4 x classes outputs,
+and its weights metadata records the head (``checkpoints.load_weights`` reads it as it reads a classifier;
+``box_head`` checks that a run is a localisation run).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vggjax import boxes as boxes_lib
-from vggjax.settings import ModelSettings
 from vggjax import models
 
 HEADS = ('classify', 'scr', 'pcr')
@@ -102,27 +108,76 @@ def cell_boxes(box_map: np.ndarray, image_size: int, head: str) -> np.ndarray:
   return b + offset
 
 
-def load_box_weights(path: str) -> tuple[dict, dict, Any]:
-  """(variables, meta, model) of a localisation run (a workdir or one of its checkpoint step directories).
-  meta is ``checkpoints.load_meta``'s, plus 'head'."""
-  from vggjax import checkpoints
-  import orbax.checkpoint as ocp
-  kind, directory, step = checkpoints._resolve(path)
-  if kind != 'run':
-    raise ValueError(f'{path} is a weights directory; a localisation net is read from its training run')
-  config = json.loads((directory / 'config.json').read_text())
-  head = ModelSettings.from_config(config['model']).head  # older runs' config.json: configs/default.py's
+def box_head(meta: Mapping, path: str = '') -> str:
+  """The box head (scr or pcr) that weights metadata records; ValueError for a classifier's."""
+  head = (meta.get('model') or {}).get('head') or 'classify'
   if head not in BOX_HEADS:
-    raise ValueError(f'{path} is a {head!r} run, not a localisation run (model.head scr or pcr)')
-  meta = checkpoints.load_meta(path)
-  meta['head'] = head
-  m = meta['model']
-  model = get_box_model(m['name'], head, m['num_classes'], image_size=m['image_size'], width=m['width'],
-                        fc_features=m['fc_features'], dropout_rate=0.0)
-  shapes = models.variable_shapes(model)
-  want = {c: shapes[c] for c in ('params', 'batch_stats') if c in shapes}
-  args = jax.tree_util.tree_map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), want)
-  source = directory / checkpoints.CHECKPOINT_DIR / str(step) / 'state'
-  restored = ocp.PyTreeCheckpointer().restore(source, args=ocp.args.PyTreeRestore(
-      item=want, restore_args=args, partial_restore=True))
-  return dict(restored), meta, model
+    raise ValueError(f'{path or "these weights"} is a {head!r} net, not a localisation net (model.head scr or '
+                     f'pcr: a localisation run)')
+  return head
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objectives. A box example's targets travel through the train step as one float row
+# [label, cx, cy, w, h, valid], so micro-batches split them as they split labels.
+
+
+class Classify:
+  """Class scores: cross-entropy; a hit is a top-1 correct; evaluation counts top-1 and top-5 hits."""
+
+  name = 'classify'
+
+  def targets(self, batch: Mapping) -> jax.Array:
+    return batch['label']
+
+  def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+
+  def hits(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.argmax(outputs, -1) == targets
+
+  def eval_sums(self, outputs: jax.Array, batch: Mapping, mask: jax.Array) -> dict:
+    """Sums over the masked batch: top-1 and top-5 hits and the loss."""
+    labels = batch['label']
+    hits = jax.lax.top_k(outputs, min(5, outputs.shape[-1]))[1] == labels[:, None]
+    return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(jnp.any(hits, -1) * mask),
+            'loss': jnp.sum(self.loss(outputs, labels) * mask)}
+
+
+class BoxRegression:
+  """A box per crop (scr: one for all classes; pcr: one per class, the true class's is scored): the
+  Euclidean loss, half the squared distance to the target (0 where the crop kept no box: such examples are
+  masked out); a hit is an IoU > 0.5 with the target, the class given."""
+
+  def __init__(self, name: str):
+    if name not in BOX_HEADS:
+      raise ValueError(f'unknown box head {name!r}; valid: {", ".join(BOX_HEADS)}')
+    self.name = name
+
+  def targets(self, batch: Mapping) -> jax.Array:
+    return jnp.concatenate([batch['label'][:, None].astype(jnp.float32), batch['box'].astype(jnp.float32),
+                            batch['box_valid'][:, None].astype(jnp.float32)], axis=1)
+
+  def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    pred = class_box(outputs, targets[:, 0].astype(jnp.int32), self.name)
+    return euclidean_loss(pred, targets[:, 1:5]) * targets[:, 5]
+
+  def hits(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    pred = class_box(outputs, targets[:, 0].astype(jnp.int32), self.name)
+    return (box_iou(pred, targets[:, 1:5]) > 0.5) & (targets[:, 5] > 0)
+
+  def eval_sums(self, outputs: jax.Array, batch: Mapping, mask: jax.Array) -> dict:
+    """Sums over the masked central crops: 'top1' (and 'top5', the same: the class is given) counts the
+    crops whose box for the true class has IoU > 0.5 with the true box; 'iou' sums the IoUs; 'loss' the
+    Euclidean loss."""
+    targets = self.targets(batch)
+    hits = jnp.sum(self.hits(outputs, targets).astype(jnp.float32) * mask)
+    iou = box_iou(class_box(outputs, batch['label'], self.name), batch['box']) * targets[:, 5] * mask
+    return {'top1': hits, 'top5': hits, 'iou': jnp.sum(iou),
+            'loss': jnp.sum(self.loss(outputs, targets) * mask)}
+
+
+def get_head(name: str) -> Classify | BoxRegression:
+  """The objective of config.model.head."""
+  check_head(name)
+  return Classify() if name == 'classify' else BoxRegression(name)

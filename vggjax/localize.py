@@ -92,8 +92,9 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
   unknown = [p for p in protocols if p not in PROTOCOLS]
   if unknown or not protocols:
     raise ValueError(f'protocols {list(protocols)}: unknown {unknown}; valid: {", ".join(PROTOCOLS)}')
-  loc_vars, loc_meta, loc_model = localization_model.load_box_weights(localizer)
-  head = loc_meta['head']
+  loc_vars, loc_meta = checkpoints.load_weights(localizer)
+  head = localization_model.box_head(loc_meta, localizer)
+  loc_model = checkpoints.model_from_meta(loc_meta, dropout_rate=0.0)
   cls_vars, cls_meta = checkpoints.load_weights(classifier)
   cls_model = checkpoints.model_from_meta(cls_meta, dropout_rate=0.0)
   num_classes = int(cls_meta['model']['num_classes'])
