@@ -1,5 +1,5 @@
-"""The benchmark harness: its arithmetic, its clock discipline, the CLI's JSON, the memory search, and the
-PyTorch reference's step (one tiny step)."""
+"""The benchmark harness: its arithmetic (vggjax.metrology), its clock discipline, the peak table
+(vggjax.hardware), the CLI's JSON, the memory search, and the PyTorch reference's step (one tiny step)."""
 
 import json
 import math
@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, reference_module, subprocess_env
 
 from vggjax import benchmark as vb
+from vggjax import hardware, metrology
 
 # A tiny net: vgg11 at width 1/64 (convs 1, 2, 4, 4, 8, 8, 8, 8 wide), fc6/fc7 16 wide, 10 classes, 32 px.
 TINY = ['--model=vgg11', '--width=0.015625', '--fc-features=16', '--num-classes=10', '--image-size=32']
@@ -42,7 +43,7 @@ def test_vgg16_flops_match_the_published_count():
   per_image = vb.train_flops_per_image('vgg16', 224)
   assert per_image / 6 == pytest.approx(15.47e9, rel=2e-3)
   # 2000 img/s on one H100 SXM in bf16 is 185.6 TFLOP/s, 18.8% of 989.4.
-  peak, label = vb.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16')
+  peak, label = hardware.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16')
   t = vb.throughput(per_image, 256, 256 / 2000, peak, 1)
   assert label == 'H100 SXM' and t['tflops'] == pytest.approx(per_image * 2000 / 1e12)
   assert t['mfu'] == pytest.approx(per_image * 2000 / 1e12 / 989.4)
@@ -72,12 +73,12 @@ def test_vgg16_flops_match_the_published_count():
     ('NVIDIA A10G', 'bfloat16', (None, None)),
 ])
 def test_peak_table(kind, dtype, expected):
-  assert vb.peak_tflops(kind, dtype) == expected
+  assert hardware.peak_tflops(kind, dtype) == expected
 
 
 def test_peak_table_rejects_unknown_dtype():
   with pytest.raises(ValueError, match='dtype'):
-    vb.peak_tflops('NVIDIA H100', 'float16')
+    hardware.peak_tflops('NVIDIA H100', 'float16')
 
 
 def test_time_steps_excludes_warmup_and_syncs_before_reading_the_clock(monkeypatch):
@@ -96,7 +97,7 @@ def test_time_steps_excludes_warmup_and_syncs_before_reading_the_clock(monkeypat
     clock['now'] += clock['pending']
     clock['pending'] = 0.0
 
-  monkeypatch.setattr(vb.time, 'perf_counter', lambda: clock['now'])
+  monkeypatch.setattr(metrology.time, 'perf_counter', lambda: clock['now'])
   timing = vb.time_steps(run, sync, steps=2, repeats=3, warmup=2)
   assert timing.warmup_s == [5.0, 5.0]
   assert timing.per_step == [1.0, 3.0, 2.0]
@@ -174,15 +175,16 @@ def test_dashed_flag_spellings_of_earlier_versions_are_accepted():
 
 @pytest.mark.slow
 def test_max_batch_search_finds_the_edge():
-  import jax
+  """--max_batch is the plan's search (vggjax.aot.search) with a probe that compiles on the attached devices:
+  with a limit just above the memory at 40 images per device, 40 fits and 48 does not."""
+  from vggjax.aot import search
   opts = vb.Options(model='vgg11', image_size=32, dtype='float32', **TINY_OPTIONS)
-  mesh, model, tx, _ = vb._build(vb.dataclasses.replace(opts, batch=jax.device_count()))
-  fast = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-  at_40 = vb.step_memory_bytes(opts, 40, mesh, model, tx, fast)
-  found = vb.max_batch_size(opts, limit_bytes=at_40 + 1, granularity=8)
-  assert found['max_per_device_batch'] == 40 and found['exact']
+  steps = vb.build_steps(opts)
+  at_40 = search.TrainStepProbe.on_attached_devices(steps, 2 ** 40, print, opts.dtype)(40)
+  found = vb.largest_batch(opts, limit_bytes=at_40 + 1, granularity=8)
+  assert found['max_per_device_batch'] == 40 and found['exact'] and found['first_not_fitting'] == 48
   assert found['bytes_at_max'] == at_40 and found['probes']['48'] > at_40 + 1
-  assert found['bytes_per_image'] > 0
+  assert found['bytes_per_image'] > 0 and found['search'][0].startswith('32:')
 
 
 @pytest.mark.slow

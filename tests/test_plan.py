@@ -1,4 +1,4 @@
-"""vggjax.plan: the real steps compiled for TPU slices that are not attached (libtpu as a compiler only).
+"""vggjax.plan and vggjax.aot: the real steps compiled for TPU slices that are not attached (libtpu as a compiler only).
 
 A narrow VGG-A on 32x32 images keeps every compile to seconds; the same code plans the full nets.
 """
@@ -16,6 +16,9 @@ from conftest import REPO, subprocess_env
 pytest.importorskip('libtpu', reason='the TPU compiler (pip install "vggjax[tpu]")')
 
 from vggjax import hardware, models, plan  # noqa: E402
+from vggjax.aot import analysis, hlo, roofline, search  # noqa: E402
+from vggjax.aot.steps import Steps  # noqa: E402
+from vggjax.aot.target import Compiled, tpu_target  # noqa: E402
 
 NARROW = dict(width=0.0625, fc_features=64, num_classes=10)
 CLI_NARROW = ['--config.model.width=0.0625', '--config.model.fc_features=64', '--config.model.num_classes=10',
@@ -37,7 +40,7 @@ def narrow_config(global_batch: int, **model):
 @pytest.fixture(scope='module')
 def one_host():
   """A v5litepod-8 (one host, 8 chips): the narrow train step at a per-chip batch of 8."""
-  target = plan.tpu_target('v5litepod-8')
+  target = tpu_target('v5litepod-8')
   compiled = {}
   report = plan.plan(narrow_config(64), target, steps_to_plan=('train',), compiled_out=compiled)
   return target, report, compiled['train']
@@ -48,11 +51,11 @@ def quarter():
   """A quarter-width A at 64x64 (its activations outweigh the compiler's fixed scratch), train step at
   per-chip batches 8 and 16 on a v5litepod-8."""
   from vggjax import config_lib, parallel
-  target = plan.tpu_target('v5litepod-8')
+  target = tpu_target('v5litepod-8')
   config = narrow_config(64, width=0.25, fc_features=256)
   config.data.image_size = config.data.scale_min = config.data.scale_max = 64
-  steps = plan.Steps.build(config_lib.resolve(config, 10), parallel.make_mesh(target.devices))
-  compiled = {b: plan.train_memory(steps, target, b, print) for b in (8, 16)}
+  steps = Steps.build(config_lib.resolve(config, 10), parallel.make_mesh(target.devices))
+  compiled = {b: search.compile_train(steps, target, b, print) for b in (8, 16)}
   return target, steps, compiled
 
 
@@ -93,10 +96,10 @@ def test_train_step_compiles_for_one_host(one_host):
 def test_recomputation_is_reported():
   """A train step that recomputes activations (here model.remat; an older libtpu also rematerialises by
   itself to fit a batch whose activations do not fit) does more FLOPs than the model: the plan says so."""
-  report = plan.plan(narrow_config(64, remat=True), plan.tpu_target('v5litepod-8'), steps_to_plan=('train',))
+  report = plan.plan(narrow_config(64, remat=True), tpu_target('v5litepod-8'), steps_to_plan=('train',))
   train = report['steps']['train']
   assert train['recomputes']['model_remat'] is True
-  assert train['recomputes']['compiler_over_model_flops'] > plan.RECOMPUTE_RATIO
+  assert train['recomputes']['compiler_over_model_flops'] > roofline.RECOMPUTE_RATIO
   assert 'RECOMPUTES' in plan.format_report(report)
 
 
@@ -134,7 +137,7 @@ def test_unreadable_compiled_text_gives_the_analytic_all_reduce(one_host):
   train = report['steps']['train']
   size = report['model']['image_size']
   parts = {k: train['memory'][k] for k in ('parameters_bytes', 'optimizer_state_bytes', 'other_state_bytes')}
-  r = plan.step_report('train', plan.Compiled(True, Unprintable(), comp.seconds), target, global_batch=64,
+  r = roofline.step_report('train', Compiled(True, Unprintable(), comp.seconds), target, global_batch=64,
                        analytic_flops_per_image=train['flops']['analytic_per_chip'] / 8, state_parts=parts,
                        batch_bytes_per_chip=train['memory']['batch_bytes'], image_hw=(size, size))
   assert r['memory'] == train['memory']
@@ -146,9 +149,9 @@ def test_unreadable_compiled_text_gives_the_analytic_all_reduce(one_host):
 
 def _memory(target, steps, comp, per_chip):
   """The plan's memory report of one compiled train step."""
-  parts = plan._state_parts(steps)
-  size = steps.config.data.image_size
-  return plan.step_report('train', comp, target, global_batch=per_chip * target.chips,
+  parts = steps.state_parts()
+  size = steps.image_size
+  return roofline.step_report('train', comp, target, global_batch=per_chip * target.chips,
                           analytic_flops_per_image=1, state_parts=parts,
                           batch_bytes_per_chip=per_chip * (size * size * 3 + 4),
                           image_hw=(size, size))['memory']
@@ -171,7 +174,7 @@ def test_max_batch_fits_and_its_double_does_not(quarter):
   # doubles to 16, and stops (the compiles at 8 and 16 are the fixture's).
   small = dataclasses.replace(target, hbm_bytes=(at8 + at16) // 2)
   kept = {}
-  found = plan.max_batch(steps, small, 8, print, known=compiled, granularity=8, compiled_out=kept)
+  found = search.max_batch(steps, small, 8, print, known=compiled, granularity=8, compiled_out=kept)
   b = found['max_per_chip_batch']
   assert b == 8
   assert kept['train_at_max_batch'] is compiled[8]  # the edge's program, reported without compiling again
@@ -196,7 +199,7 @@ def test_max_batch_search_follows_the_line(start, bend):
   answer is the true edge of the probed function: fits, and one step more does not."""
   hbm = 16 * 2 ** 30
   probe, asked = _affine_probe(2 * 2 ** 30, 37 * 2 ** 20, bend)
-  lo, hi, why = plan.search_max_batch(probe, hbm, start, 8)
+  lo, hi, why = search.search_max_batch(probe, hbm, start, 8)
   assert probe(lo) <= hbm < probe(lo + 8) and hi == lo + 8 and lo % 8 == 0
   assert len(set(asked)) <= 5, why
   if bend == 0.0 and start < lo:
@@ -212,9 +215,9 @@ def test_max_batch_search_without_figures_bisects():
   def probe(b):
     asked.append(b)
     return 1 if b <= edge else None
-  lo, hi, _ = plan.search_max_batch(probe, 10, 512, 4)
+  lo, hi, _ = search.search_max_batch(probe, 10, 512, 4)
   assert (lo, hi) == (100, 104)
-  assert plan.search_max_batch(lambda b: None, 10, 64, 8)[:2] == (0, 8)
+  assert search.search_max_batch(lambda b: None, 10, 64, 8)[:2] == (0, 8)
 
 
 def test_max_batch_search_bisects_when_the_compiler_stops_before_the_line():
@@ -226,7 +229,7 @@ def test_max_batch_search_bisects_when_the_compiler_stops_before_the_line():
 
   def capped(b):
     return probe(b) if b <= edge else None
-  lo, hi, why = plan.search_max_batch(capped, 16 * 2 ** 30, 32, 8)
+  lo, hi, why = search.search_max_batch(capped, 16 * 2 ** 30, 32, 8)
   assert (lo, hi) == (496, 504), why
   assert len(why) <= 10, why  # stepping down from the line's 712 one granule at a time took 12+
 
@@ -235,7 +238,7 @@ def test_max_batch_search_stops_at_its_limit():
   """Where everything up to the limit fits (VGG-A in a v5p's 95 GiB), the answer is the limit, with no batch
   known not to fit; the limit itself is compiled, never a batch above it."""
   probe, asked = _affine_probe(2 * 2 ** 30, 20 * 2 ** 20, 0.0)
-  lo, hi, why = plan.search_max_batch(probe, 95 * 2 ** 30, 64, 8, limit=1024)
+  lo, hi, why = search.search_max_batch(probe, 95 * 2 ** 30, 64, 8, limit=1024)
   assert (lo, hi) == (1024, None), why
   assert max(asked) == 1024
 
@@ -249,7 +252,7 @@ def test_max_batch_search_out_of_compiles_keeps_its_bracket():
   def capped(b):  # the compiler gives up above 1000
     asked.append(b)
     return probe(b) if b <= 1000 else None
-  lo, hi, why = plan.search_max_batch(capped, 95 * 2 ** 30, 64, 8, max_probes=4)
+  lo, hi, why = search.search_max_batch(capped, 95 * 2 ** 30, 64, 8, max_probes=4)
   assert len(set(asked)) == 4 and why[-1] == f'stopped after 4 compiles: the edge lies between {lo} and {hi}'
   assert lo <= 1000 < hi and lo in asked and hi in asked and hi - lo > 8
 
@@ -258,7 +261,7 @@ def test_valid_taps_against_the_analytic_count():
   the zero padding only: within 5% for A, D and E."""
   for name in ('vgg11', 'vgg16', 'vgg19'):
     model = models.get_model(name, image_size=224)
-    ratio = plan.valid_tap_flops(model, (224, 224), True) / (3 * models.flops(name, 224).flops)
+    ratio = hlo.valid_tap_flops(model, (224, 224), True) / (3 * models.flops(name, 224).flops)
     assert 0.95 < ratio < 1.0, (name, ratio)
 
 
@@ -268,9 +271,9 @@ def test_compiler_flops_agree(quarter):
   on the parameters: the optimizer, the finite checks) equal the analytic count of the taps inside the image
   within 5%, on a quarter-width A at 64x64."""
   _, steps, compiled = quarter
-  flops = {b: plan._cost(compiled[b].compiled)['flops'] for b in (8, 16)}
+  flops = {b: analysis.cost(compiled[b].compiled)['flops'] for b in (8, 16)}
   per_image = (flops[16] - flops[8]) / 8
-  valid = plan.valid_tap_flops(steps.model, (64, 64), True)
+  valid = hlo.valid_tap_flops(steps.model, (64, 64), True)
   assert abs(per_image / valid - 1) < 0.05, (per_image, valid)
 
 
@@ -280,7 +283,7 @@ def test_fixed_and_jittered_scale_share_the_train_step():
   evaluation step differs (its test scale Q: 256 against 384)."""
   from configs import vgg11
   from vggjax import config_lib, parallel
-  mesh = parallel.make_mesh(plan.tpu_target('v5litepod-8').devices)
+  mesh = parallel.make_mesh(tpu_target('v5litepod-8').devices)
   texts, dense = [], []
   for scale in ('256', 'jitter'):
     c = vgg11.get_config(scale)
@@ -289,7 +292,7 @@ def test_fixed_and_jittered_scale_share_the_train_step():
     c.model.dtype = 'bfloat16'
     c.data.image_size = 32
     c.train.global_batch_size = 64
-    steps = plan.Steps.build(config_lib.resolve(c, 10), mesh)
+    steps = Steps.build(config_lib.resolve(c, 10), mesh)
     texts.append(steps.train_step().lower(*steps.train_args(64)).as_text())
     dense.append(steps.dense_shape())
   assert texts[0] == texts[1]
@@ -323,7 +326,7 @@ def test_cli_multi_host_slice_all_steps(tmp_path):
 
 @pytest.mark.slow
 def test_two_slices_cross_dcn():
-  report = plan.plan(narrow_config(256), plan.tpu_target('v5litepod-16', num_slices=2),
+  report = plan.plan(narrow_config(256), tpu_target('v5litepod-16', num_slices=2),
                      steps_to_plan=('train',))
   train = report['steps']['train']
   assert report['target']['chips'] == 32 and report['target']['hosts'] == 8

@@ -1,30 +1,27 @@
 """How fast the framework trains and evaluates, against the device's limit: images/s, achieved TFLOP/s, MFU.
 
-Why one module of about 650 lines: the timing method, the FLOP count, the peak table, the memory search and
-the command are one measurement; benchmarks/torch_reference.py imports its parts to time PyTorch the same way.
-
     python -m vggjax.benchmark --model=vgg16 --batch=256 --image_size=224 --dtype=bfloat16 --json
     python -m vggjax.benchmark --model=vgg16 --batch=128,256 --dtype=bfloat16 --remat
     python -m vggjax.benchmark --model=vgg16 --dtype=bfloat16 --max_batch          # largest batch that fits
 
-It times the real jitted steps of vggjax.train on every available device (data parallel over the mesh):
+It times the real jitted steps of vggjax.train (``vggjax.aot.steps.Steps``, the steps the plan compiles) on
+every available device (data parallel over the mesh):
 
 * the train step (make_train_step: uint8 in, colour shift and normalisation, forward, backward, SGD with
   momentum and L2 from the default config, the non-finite guard), with the state donated as in training;
 * the dense eval step (make_eval_step) on images larger than the training size (``--eval_size``, 384 for
   a 224 net): the network runs fully convolutionally and the class score map is averaged.
 
-Method: one batch of random uint8 images is put on the devices once (the input pipeline is not timed);
-the step is lowered and compiled ahead of time (``compile_s``), run ``--warmup`` times untimed, then
-``--repeats`` times ``--steps`` back-to-back steps, each repeat closed by ``jax.block_until_ready`` before
-the clock is read. The step time is the median over repeats of (repeat time / steps).
-
-FLOPs are analytic (vggjax.models.flops: convolutions and FC layers): a training step counts 3x the
-forward pass (forward, and the two products of the backward pass), the dense eval counts the forward pass
-at the eval size. MFU = achieved FLOP/s / (the device's peak dense FLOP/s x devices); peaks are the
-vendors' dense figures in PEAK_TFLOPS (``--peak_tflops`` overrides; none on a CPU). Peak memory is the
+Method (``vggjax.metrology``): one batch of random uint8 images is put on the devices once (the input
+pipeline is not timed); the step is lowered and compiled ahead of time (``compile_s``), run ``--warmup``
+times untimed, then ``--repeats`` times ``--steps`` back-to-back steps, each repeat closed by
+``jax.block_until_ready`` before the clock is read. The step time is the median over repeats of (repeat time
+/ steps). FLOPs are analytic (vggjax.models.flops): a training step counts 3x the forward pass, the dense
+eval the forward pass at the eval size. MFU = achieved FLOP/s / (the device's peak dense FLOP/s x devices);
+peaks from ``vggjax.hardware.peak_tflops`` (``--peak_tflops`` overrides; none on a CPU). Peak memory is the
 device allocator's ``peak_bytes_in_use`` where the backend reports it (GPU, TPU) and the compiled
-executable's memory analysis everywhere.
+executable's memory analysis everywhere. ``--max_batch`` is the plan's largest-batch search
+(``vggjax.aot.search``) compiling on the attached devices.
 
 ``--json`` prints one JSON object per configuration on stdout (the human summary goes to stderr);
 benchmarks/torch_reference.py prints the same fields for the same step in PyTorch.
@@ -34,217 +31,25 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
+import functools
 import json
 import os
-import pathlib
-import platform
-import re
-import statistics
 import sys
 import time
-import types
 from typing import Any, Callable, Sequence
 
-from vggjax import cli
+import jax
+from absl import flags
+import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DTYPES = ('float32', 'bfloat16')
-GIB = 1024 ** 3
+from vggjax import __version__, cli, models, optim, parallel, settings, train
+from vggjax.aot import analysis, search
+from vggjax.aot.steps import Steps
+from vggjax.hardware import DTYPES, GIB, peak_tflops  # noqa: F401 (benchmarks/torch_reference.py's names)
+from vggjax.metrology import (Timing, cpu_name, eval_flops_per_image, throughput,  # noqa: F401 (the same)
+                              time_steps, train_flops_per_image)
 
-# Peak dense (no structured sparsity) TFLOP/s of one device as JAX sees it, from the vendors' datasheets.
-# 'bfloat16': the 16-bit matrix units. 'float32': the rate of what XLA runs by default for float32
-# convolutions and matmuls: TF32 tensor cores on Ampere and later, the FP32 units on Volta/Turing, and
-# single-pass bf16 on TPUs (JAX's default precision there). TPU v2/v3 show each core as a device (half a
-# chip); v4 and v5p (megacore) and v5e/v6e one device per chip. V100 and T4 have no bf16 units: their
-# 'bfloat16' entry is the fp16 tensor-core peak, which XLA does not reach with bf16.
-# (pattern on the lower-cased device kind, label, bfloat16, float32)
-PEAK_TFLOPS: tuple[tuple[str, str, float, float], ...] = (
-    (r'b200', 'B200', 2250.0, 1100.0),
-    (r'gh200', 'GH200', 989.4, 494.7),
-    (r'h200', 'H200', 989.4, 494.7),
-    (r'h100.*nvl', 'H100 NVL', 835.5, 417.5),
-    (r'h100.*pcie', 'H100 PCIe', 756.0, 378.0),
-    (r'h100|h800', 'H100 SXM', 989.4, 494.7),
-    (r'a100|a800', 'A100', 312.0, 156.0),
-    (r'l40s', 'L40S', 362.0, 183.0),
-    (r'\bl40\b', 'L40', 181.0, 90.5),
-    (r'\bl4\b', 'L4', 121.0, 60.0),
-    (r'\ba10\b', 'A10', 125.0, 62.5),
-    (r'v100', 'V100', 125.0, 15.7),
-    (r'\bt4\b', 'T4', 65.0, 8.1),
-    (r'^tpu.*(v6|trillium)', 'TPU v6e', 918.0, 918.0),
-    (r'^tpu.*(v5 ?lite|v5e)', 'TPU v5e', 197.0, 197.0),
-    (r'^tpu.*v5', 'TPU v5p', 459.0, 459.0),
-    (r'^tpu.*v4', 'TPU v4', 275.0, 275.0),
-    (r'^tpu.*v3', 'TPU v3 (per core)', 61.5, 61.5),
-    (r'^tpu.*v2', 'TPU v2 (per core)', 22.5, 22.5),
-)
-
-# The paper's optimizer (3.1), used when configs/default.py cannot be loaded (it needs ml_collections).
-_PAPER_OPTIMIZER = dict(lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False)
-
-
-def peak_tflops(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
-  """(peak dense TFLOP/s of one device for `dtype`, the table's label), or (None, None) if unknown."""
-  if dtype not in DTYPES:
-    raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
-  kind = (device_kind or '').lower()
-  for pattern, label, bf16, f32 in PEAK_TFLOPS:
-    if re.search(pattern, kind):
-      return (bf16 if dtype == 'bfloat16' else f32), label
-  return None, None
-
-
-def train_flops_per_image(model: str, image_size: int, **options) -> int:
-  """Analytic FLOPs of one training image: 3x the forward pass (forward, input and weight gradients)."""
-  from vggjax import models
-  return 3 * models.flops(model, image_size, train_size=image_size, **options).flops
-
-
-def eval_flops_per_image(model: str, eval_size: int, train_size: int, **options) -> int:
-  """Analytic FLOPs of the dense evaluation of one image at `eval_size` (the forward pass only)."""
-  from vggjax import models
-  return models.flops(model, eval_size, train_size=train_size, **options).flops
-
-
-def throughput(flops_per_image: float, batch: int, step_time_s: float, peak_per_device: float | None,
-               num_devices: int) -> dict:
-  """images/s, achieved TFLOP/s (all devices and per device) and MFU of a step over `batch` images."""
-  if step_time_s <= 0:
-    raise ValueError(f'step time must be positive, got {step_time_s}')
-  tflops = flops_per_image * batch / step_time_s / 1e12
-  per_device = tflops / num_devices
-  return {'images_per_s': batch / step_time_s, 'tflops': tflops, 'tflops_per_device': per_device,
-          'mfu': (per_device / peak_per_device) if peak_per_device else None}
-
-
-@dataclasses.dataclass
-class Timing:
-  """Per-step times (seconds) of each repeat of `steps` back-to-back steps, and the process's CPU time per
-  step (all its threads: on a CPU backend, the work done, whatever else the machine runs)."""
-  per_step: list[float]
-  steps: int
-  warmup_s: list[float]
-  cpu_per_step: list[float] = dataclasses.field(default_factory=list)
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.per_step)
-
-  def to_dict(self) -> dict:
-    return {'step_time_s': self.median, 'step_time_min_s': min(self.per_step),
-            'step_time_max_s': max(self.per_step), 'step_times_s': self.per_step, 'steps': self.steps,
-            'repeats': len(self.per_step), 'warmup_step_s': self.warmup_s,
-            'cpu_time_per_step_s': statistics.median(self.cpu_per_step) if self.cpu_per_step else None}
-
-
-def time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], *, steps: int, repeats: int,
-               warmup: int) -> Timing:
-  """Times `run` (dispatches one step, returns its outputs): `warmup` untimed steps, then `repeats` timings
-  of `steps` back-to-back steps, each closed by `sync(outputs)` (waits for the device) before the clock."""
-  if steps < 1 or repeats < 1 or warmup < 0:
-    raise ValueError(f'need steps >= 1, repeats >= 1, warmup >= 0; got {steps}, {repeats}, {warmup}')
-  warm = []
-  for _ in range(warmup):
-    t0 = time.perf_counter()
-    sync(run())
-    warm.append(time.perf_counter() - t0)
-  per_step, cpu = [], []
-  for _ in range(repeats):
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(steps):
-      out = run()
-    sync(out)
-    per_step.append((time.perf_counter() - t0) / steps)
-    cpu.append((time.process_time() - c0) / steps)
-  return Timing(per_step=per_step, steps=steps, warmup_s=warm, cpu_per_step=cpu)
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def default_eval_size(image_size: int) -> int:
-  """The dense-eval size for a training size: 384 for 224 (the paper's Q = 384 for S = 384 nets)."""
-  return int(round(image_size * 384 / 224))
-
-
-def optimizer_config():
-  """configs/default.py's optimizer section (the paper's SGD), or the same values if it cannot be loaded."""
-  path = REPO / 'configs' / 'default.py'
-  try:
-    spec = importlib.util.spec_from_file_location('_vggjax_default_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    opt = module.get_config().optimizer
-    return types.SimpleNamespace(**{k: opt[k] for k in _PAPER_OPTIMIZER}), 'configs/default.py'
-  except (ImportError, OSError, AttributeError):
-    return types.SimpleNamespace(**_PAPER_OPTIMIZER), 'built-in (the paper: SGD 0.9, L2 5e-4)'
-
-
-# --- what JAX reports about memory ---------------------------------------------------------------------
-
-def compiled_memory(compiled) -> dict | None:
-  """The compiled executable's memory analysis (per device): arguments, outputs, aliased, temporaries."""
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 (not every backend implements it)
-    return None
-  if ma is None:
-    return None
-  get = lambda name: int(getattr(ma, name, 0) or 0)  # noqa: E731
-  out = {'argument_bytes': get('argument_size_in_bytes'), 'output_bytes': get('output_size_in_bytes'),
-         'alias_bytes': get('alias_size_in_bytes'), 'temp_bytes': get('temp_size_in_bytes'),
-         'code_bytes': get('generated_code_size_in_bytes')}
-  # Live at once: inputs, outputs not aliased to (donated) inputs, temporaries.
-  out['total_bytes'] = out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] + out['temp_bytes']
-  peak = get('peak_memory_in_bytes')
-  if peak:
-    out['peak_bytes'] = peak
-  return out
-
-
-def device_memory() -> dict:
-  """Allocator statistics of the local devices: the largest peak and the smallest limit (None if absent)."""
-  import jax
-  peaks, limits = [], []
-  for d in jax.local_devices():
-    try:
-      stats = d.memory_stats()
-    except Exception:  # noqa: BLE001
-      stats = None
-    if stats:
-      if 'peak_bytes_in_use' in stats:
-        peaks.append(int(stats['peak_bytes_in_use']))
-      if 'bytes_limit' in stats:
-        limits.append(int(stats['bytes_limit']))
-  return {'peak_bytes': max(peaks) if peaks else None, 'limit_bytes': min(limits) if limits else None}
-
-
-def cost_analysis_flops(compiled) -> float | None:
-  """XLA's own FLOP count of a compiled step (per device), as a cross-check of the analytic count."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or 'flops' not in cost:
-    return None
-  return float(cost['flops'])
-
-
-# --- the benchmark --------------------------------------------------------------------------------------
+OPTIMIZER_SOURCE = 'configs/default.py'  # the packaged default config's optimizer (the paper's SGD)
 
 @dataclasses.dataclass
 class Options:
@@ -269,41 +74,37 @@ class Options:
     return dict(num_classes=self.num_classes, width=self.width, fc_features=self.fc_features or None)
 
 
+
 def _environment(mesh, opts: Options) -> dict:
-  import jax
   devices = mesh.devices.flatten().tolist()
   kind = devices[0].device_kind
   platform_name = devices[0].platform
   peak, label = (opts.peak_tflops, 'flag') if opts.peak_tflops else peak_tflops(kind, opts.dtype)
   if platform_name == 'cpu' and not opts.peak_tflops:
     peak, label = None, None
-  return {'framework': 'vggjax', 'framework_version': _version(), 'jax_version': jax.__version__,
+  return {'framework': 'vggjax', 'framework_version': __version__, 'jax_version': jax.__version__,
           'backend': platform_name, 'device_kind': kind if platform_name != 'cpu' else f'cpu ({cpu_name()})',
           'device_count': len(devices), 'process_count': jax.process_count(), 'cpu_count': os.cpu_count(),
           'peak_tflops_per_device': peak, 'peak_source': label,
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
 
+def default_eval_size(image_size: int) -> int:
+  """The dense-eval size for a training size: 384 for 224 (the paper's Q = 384 for S = 384 nets)."""
+  return int(round(image_size * 384 / 224))
 
-def _version() -> str:
-  from vggjax import __version__
-  return __version__
 
-
-def _build(opts: Options):
-  from vggjax import models, optim, parallel
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(opts.batch, mesh)
+def build_steps(opts: Options, mesh=None) -> Steps:
+  """The benchmark's model, the default config's optimizer and their steps on the mesh of every device."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
   model = models.get_model(opts.model, image_size=opts.image_size, dtype=opts.dtype, **opts.model_options())
-  opt_cfg, opt_source = optimizer_config()
-  tx = optim.make_optimizer(opt_cfg)
-  return mesh, model, tx, opt_source
+  tx = optim.make_optimizer(settings.default_config().optimizer)
+  return Steps(mesh=mesh, model=model, eval_model=model, tx=tx, image_size=opts.image_size,
+               train_options=dict(color_shift=opts.color_shift, remat=opts.remat), dtype=opts.dtype)
+
 
 
 def _random_batch(rng, batch: int, size: int, num_classes: int, mesh, mask: bool = False) -> dict:
-  import jax
-  import numpy as np
-  from vggjax import parallel
   local = batch // jax.process_count()
   data = {'image': rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
           'label': rng.integers(0, num_classes, (local,), dtype=np.int32)}
@@ -311,30 +112,13 @@ def _random_batch(rng, batch: int, size: int, num_classes: int, mesh, mask: bool
     data['mask'] = np.ones((local,), np.bool_)
   return parallel.global_batch(data, mesh)
 
-
-def run_benchmark(opts: Options) -> dict:
-  """Times the train step (and the dense eval step) for one configuration; returns the JSON record."""
-  import jax
-  import numpy as np
-  from vggjax import parallel, train
-
-  mesh, model, tx, opt_source = _build(opts)
-  env = _environment(mesh, opts)
-  n = env['device_count']
-  rng = np.random.default_rng(opts.seed)
-  record: dict[str, Any] = {
-      **env, 'model': opts.model, 'width': opts.width, 'fc_features': opts.fc_features or None,
-      'num_classes': opts.num_classes, 'image_size': opts.image_size, 'dtype': opts.dtype,
-      'batch': opts.batch, 'per_device_batch': opts.batch // n, 'remat': opts.remat,
-      'optimizer': opt_source}
-
-  # --- train step ---
-  state = train.create_train_state(model, tx, mesh, opts.seed)
+def _time_train(steps: Steps, opts: Options, rng, peak, n: int) -> tuple[dict, Any]:
+  mesh = steps.mesh
+  state = train.create_train_state(steps.model, steps.tx, mesh, opts.seed)
   batch = _random_batch(rng, opts.batch, opts.image_size, opts.num_classes, mesh)
   lr = jax.device_put(np.float32(0.01), parallel.replicated(mesh))
-  step = train.make_train_step(model, tx, mesh, color_shift=opts.color_shift, remat=opts.remat)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, lr).compile()
+  compiled = steps.train_step().lower(state, batch, lr).compile()
   compile_s = time.perf_counter() - t0
   holder = {'state': state}
 
@@ -346,144 +130,81 @@ def run_benchmark(opts: Options) -> dict:
                       warmup=opts.warmup)
   loss = float(jax.device_get(run_train()[1]['loss']))
   jax.block_until_ready(holder['state'])
-  mem = device_memory()
+  mem = analysis.device_memory()
   flops_img = train_flops_per_image(opts.model, opts.image_size, **opts.model_options())
-  xla_flops = cost_analysis_flops(compiled)
-  record['train'] = {
-      **timing.to_dict(), 'compile_s': compile_s,
-      **throughput(flops_img, opts.batch, timing.median, env['peak_tflops_per_device'], n),
+  xla_flops = analysis.cost_flops(compiled)
+  return {
+      **timing.to_dict(), 'compile_s': compile_s, **throughput(flops_img, opts.batch, timing.median, peak, n),
       'gflops_per_image': flops_img / 1e9,
       'xla_gflops_per_image': (xla_flops * n / opts.batch / 1e9) if xla_flops else None,
       'peak_memory_bytes': mem['peak_bytes'], 'memory_limit_bytes': mem['limit_bytes'],
-      'compiled_memory': compiled_memory(compiled), 'final_loss': loss}
+      'compiled_memory': analysis.compiled_memory(compiled), 'final_loss': loss}, holder['state']
 
-  # --- dense eval step ---
+
+def _time_eval(steps: Steps, opts: Options, rng, peak, n: int, variables, eval_size: int) -> dict:
+  if eval_size < opts.image_size:
+    raise ValueError(f'--eval-size={eval_size} is below the training size {opts.image_size}')
+  eval_batch = opts.eval_batch or opts.batch
+  parallel.check_batch_size(eval_batch, steps.mesh)
+  ebatch = _random_batch(rng, eval_batch, eval_size, opts.num_classes, steps.mesh, mask=True)
+  t0 = time.perf_counter()
+  ecompiled = steps.eval_step().lower(variables, ebatch).compile()
+  ecompile_s = time.perf_counter() - t0
+  etiming = time_steps(lambda: ecompiled(variables, ebatch), jax.block_until_ready, steps=opts.steps,
+                       repeats=opts.repeats, warmup=opts.warmup)
+  f = models.flops(opts.model, eval_size, train_size=opts.image_size, **opts.model_options())
+  return {'image_size': eval_size, 'batch': eval_batch, 'score_map': list(f.score_map),
+          **etiming.to_dict(), 'compile_s': ecompile_s,
+          **throughput(f.flops, eval_batch, etiming.median, peak, n),
+          'gflops_per_image': f.flops / 1e9, 'peak_memory_bytes': analysis.device_memory()['peak_bytes'],
+          'compiled_memory': analysis.compiled_memory(ecompiled)}
+
+
+def run_benchmark(opts: Options) -> dict:
+  """Times the train step (and the dense eval step) for one configuration; returns the JSON record."""
+  steps = build_steps(opts)
+  parallel.check_batch_size(opts.batch, steps.mesh)
+  env = _environment(steps.mesh, opts)
+  n, peak = env['device_count'], env['peak_tflops_per_device']
+  rng = np.random.default_rng(opts.seed)
+  record: dict[str, Any] = {
+      **env, 'model': opts.model, 'width': opts.width, 'fc_features': opts.fc_features or None,
+      'num_classes': opts.num_classes, 'image_size': opts.image_size, 'dtype': opts.dtype,
+      'batch': opts.batch, 'per_device_batch': opts.batch // n, 'remat': opts.remat,
+      'optimizer': OPTIMIZER_SOURCE}
+  record['train'], state = _time_train(steps, opts, rng, peak, n)
   eval_size = default_eval_size(opts.image_size) if opts.eval_size is None else opts.eval_size
-  record['eval'] = None
-  if eval_size:
-    if eval_size < opts.image_size:
-      raise ValueError(f'--eval-size={eval_size} is below the training size {opts.image_size}')
-    eval_batch = opts.eval_batch or opts.batch
-    parallel.check_batch_size(eval_batch, mesh)
-    variables = holder['state'].variables
-    ebatch = _random_batch(rng, eval_batch, eval_size, opts.num_classes, mesh, mask=True)
-    estep = train.make_eval_step(model, mesh)
-    t0 = time.perf_counter()
-    ecompiled = estep.lower(variables, ebatch).compile()
-    ecompile_s = time.perf_counter() - t0
-    etiming = time_steps(lambda: ecompiled(variables, ebatch), jax.block_until_ready, steps=opts.steps,
-                         repeats=opts.repeats, warmup=opts.warmup)
-    from vggjax import models
-    f = models.flops(opts.model, eval_size, train_size=opts.image_size, **opts.model_options())
-    record['eval'] = {
-        'image_size': eval_size, 'batch': eval_batch, 'score_map': list(f.score_map),
-        **etiming.to_dict(), 'compile_s': ecompile_s,
-        **throughput(f.flops, eval_batch, etiming.median, env['peak_tflops_per_device'], n),
-        'gflops_per_image': f.flops / 1e9, 'peak_memory_bytes': device_memory()['peak_bytes'],
-        'compiled_memory': compiled_memory(ecompiled)}
+  record['eval'] = _time_eval(steps, opts, rng, peak, n, state.variables, eval_size) if eval_size else None
   return record
 
 
-# --- the largest batch that fits ------------------------------------------------------------------------
-
-def step_memory_bytes(opts: Options, per_device_batch: int, mesh=None, model=None, tx=None,
-                      compiler_options: dict | None = None) -> int:
-  """Bytes one device needs for the compiled train step at `per_device_batch` (memory analysis of an
-  abstract lowering: nothing is allocated)."""
-  import jax
-  import jax.numpy as jnp
-  from vggjax import parallel, train
-  if mesh is None:
-    mesh, model, tx, _ = _build(dataclasses.replace(opts, batch=len(jax.devices())))
-  n = mesh.devices.size
-  state = train.abstract_train_state(model, tx, mesh)
-  shard = parallel.batch_sharding(mesh)
-  b = per_device_batch * n
-  batch = {'image': jax.ShapeDtypeStruct((b, opts.image_size, opts.image_size, 3), jnp.uint8, sharding=shard),
-           'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shard)}
-  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated(mesh))
-  step = train.make_train_step(model, tx, mesh, color_shift=opts.color_shift, remat=opts.remat)
-  lowered = step.lower(state, batch, lr)
-  try:
-    compiled = lowered.compile(compiler_options)
-  except Exception:  # noqa: BLE001 (an option this XLA does not know)
-    compiled = lowered.compile()
-  mem = compiled_memory(compiled)
-  if mem is None:
-    raise RuntimeError('this backend gives no memory analysis of compiled executables')
-  return mem['total_bytes']
-
-
-def max_batch_size(opts: Options, limit_bytes: int, granularity: int = 8, start: int = 0,
-                   max_probes: int = 12, log: Callable[[str], None] = lambda s: None) -> dict:
-  """The largest per-device batch (a multiple of `granularity`) whose compiled train step needs at most
-  `limit_bytes` on one device. Memory grows about linearly with the batch: two probes fit the line, its
-  prediction is probed and the bracket [fits, does not fit] is narrowed by the secant, else by bisection."""
-  import jax
-  mesh, model, tx, _ = _build(dataclasses.replace(opts, batch=len(jax.devices())))
-  # Memory does not depend on LLVM's optimisation, and barely on the GPU autotuner's choices: skip their time.
-  compiler_options = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-  if jax.devices()[0].platform == 'gpu':
-    compiler_options['xla_gpu_autotune_level'] = 0
-  probes: dict[int, int] = {}
-
-  def mem(b: int) -> int:
-    if b not in probes:
-      t0 = time.perf_counter()
-      probes[b] = step_memory_bytes(opts, b, mesh, model, tx, compiler_options)
-      log(f'  per-device batch {b}: {probes[b] / GIB:.2f} GiB ({time.perf_counter() - t0:.1f} s)')
-    return probes[b]
-
-  g = granularity
-  lo, hi = 0, None  # the largest batch known to fit, the smallest known not to
-  b1 = start or 4 * g
-  for b in (b1, 2 * b1):
-    if mem(b) <= limit_bytes:
-      lo = max(lo, b)
-    else:
-      hi = b if hi is None else min(hi, b)
-      break
-  while len(probes) < max_probes and (hi is None or hi - lo > g):
-    fit = sorted(probes)
-    b_a, b_b = fit[-2:] if len(fit) >= 2 else (fit[0], fit[0])
-    slope = (probes[b_b] - probes[b_a]) / (b_b - b_a) if b_b != b_a else 0
-    guess = int((lo + (limit_bytes - probes[lo]) / slope) // g * g) if (lo and slope > 0) else 0
-    upper = hi if hi is not None else 4 * max(lo, g)
-    if not (lo < guess < upper):
-      guess = (lo + upper) // 2 // g * g
-    if guess <= lo:
-      guess = lo + g
-    if hi is not None and guess >= hi:
-      break
-    if mem(guess) <= limit_bytes:
-      lo = guess
-      if hi is None and lo + g not in probes:  # is the line's prediction the edge?
-        if mem(lo + g) > limit_bytes:
-          hi = lo + g
-    else:
-      hi = guess
-  if lo == 0:
-    raise RuntimeError(f'even a per-device batch of {min(probes)} needs {probes[min(probes)] / GIB:.2f} GiB, '
-                       f'over the limit of {limit_bytes / GIB:.2f} GiB')
-  per_image = None
-  if len(probes) >= 2:
-    a, b = sorted(probes)[:2]
-    per_image = (probes[b] - probes[a]) / (b - a)
-  return {'max_per_device_batch': lo, 'limit_bytes': limit_bytes, 'bytes_at_max': probes[lo],
-          'first_not_fitting': hi, 'bytes_per_image': per_image, 'granularity': g,
-          'probes': {str(k): v for k, v in sorted(probes.items())}, 'exact': hi is not None and hi - lo <= g}
-
-
-def _is_oom(error: Exception) -> bool:
-  text = str(error)
-  return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
+def largest_batch(opts: Options, limit_bytes: int, granularity: int = 8,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+  """The largest per-device batch (a multiple of `granularity`) whose train step, compiled on the attached
+  devices, needs at most `limit_bytes` on one device: ``vggjax.aot.search.max_batch``, from 4 granules."""
+  steps = build_steps(opts)
+  probe = search.TrainStepProbe.on_attached_devices(steps, limit_bytes, log, opts.dtype)
+  found = search.max_batch(steps, probe.target, 4 * granularity, log, granularity=granularity, probe=probe)
+  lo = found['max_per_chip_batch']
+  totals = {int(b): p['total_bytes'] for b, p in found['probes'].items()}
+  if not lo:
+    b = min(totals)
+    need = f' ({totals[b] / GIB:.2f} GiB)' if totals[b] else ' (out of memory at compile time)'
+    raise cli.CommandError(f'even a per-device batch of {b} does not fit in the limit of '
+                           f'{limit_bytes / GIB:.2f} GiB{need}')
+  known = sorted(b for b, t in totals.items() if t is not None)
+  a, b = (known[:2] + [None, None])[:2]
+  return {'max_per_device_batch': lo, 'limit_bytes': limit_bytes, 'bytes_at_max': totals[lo],
+          'first_not_fitting': found['first_not_fitting'], 'granularity': found['granularity'],
+          'bytes_per_image': (totals[b] - totals[a]) / (b - a) if b is not None else None,
+          'probes': {str(k): v for k, v in sorted(totals.items())}, 'exact': found['exact'],
+          'search': found['search']}
 
 
 def verify_batch(opts: Options, per_device_batch: int, granularity: int = 8, tries: int = 4,
                  log: Callable[[str], None] = lambda s: None) -> dict:
   """Runs the real train step at `per_device_batch` (then lower by `granularity` while it runs out of
   memory): the largest batch that trains, its throughput and its measured peak memory."""
-  import jax
   n = len(jax.devices())
   b = per_device_batch
   for _ in range(tries):
@@ -492,19 +213,18 @@ def verify_batch(opts: Options, per_device_batch: int, granularity: int = 8, tri
     try:
       r = run_benchmark(dataclasses.replace(opts, batch=b * n, steps=3, repeats=2, warmup=1, eval_size=0))
     except Exception as e:  # noqa: BLE001
-      if not _is_oom(e):
+      if not analysis.is_oom(e):
         raise
       log(f'  per-device batch {b}: out of memory when run')
       b -= granularity
       continue
     t = r['train']
-    log(f'  per-device batch {b} runs: {t["images_per_s"]:.1f} img/s, peak {_fmt_bytes(t["peak_memory_bytes"])}')
+    log(f'  per-device batch {b} runs: {t["images_per_s"]:.1f} img/s, '
+        f'peak {_fmt_bytes(t["peak_memory_bytes"])}')
     return {'per_device_batch': b, 'images_per_s': t['images_per_s'], 'step_time_s': t['step_time_s'],
             'mfu': t['mfu'], 'peak_memory_bytes': t['peak_memory_bytes']}
   return {'per_device_batch': None}
 
-
-# --- the command line -----------------------------------------------------------------------------------
 
 def _batches(values: str | list[str]) -> list[int]:
   """The global batch sizes of --batch (a list, or the text '128,256': benchmarks/torch_reference.py)."""
@@ -518,8 +238,8 @@ def _batches(values: str | list[str]) -> list[int]:
   return batches
 
 
+
 def _define_flags() -> dict:
-  from absl import flags
   f = {}
   f['model'] = flags.DEFINE_string('model', 'vgg16', 'vgg11 ... vgg19, *_bn, or A ... E.')
   f['batch'] = flags.DEFINE_list('batch', ['256'], 'Global batch (split over all devices); several separated '
@@ -547,10 +267,9 @@ def _define_flags() -> dict:
   f['granularity'] = flags.DEFINE_integer('granularity', 8, '--max_batch: search in multiples of this.')
   f['verify'] = flags.DEFINE_bool('verify', False, '--max_batch: also run the step at the batch found (lower '
                                   'while out of memory).')
-  f['num_cpu_devices'] = flags.DEFINE_integer('num_cpu_devices', 0, 'Virtual CPU devices (0: '
-                                              'VGGJAX_NUM_CPU_DEVICES or 1).')
   f['json'] = flags.DEFINE_bool('json', False, 'One JSON object per configuration on stdout.')
   f['out'] = flags.DEFINE_string('out', '', 'Also append the JSON objects to this file (one per line).')
+  f.update(cli.define_process_flags())  # --num_cpu_devices, and the multi-process flags
   return f
 
 
@@ -593,13 +312,26 @@ def summary(r: dict) -> str:
   return '\n'.join(lines)
 
 
+def _max_batch_main(f: dict, base: Options, emit) -> None:
+  limit = int(f['memory_limit_gb'] * GIB) if f['memory_limit_gb'] else analysis.device_memory()['limit_bytes']
+  if not limit:
+    raise cli.CommandError('this backend reports no memory limit: give --memory_limit_gb')
+  log = functools.partial(print, file=sys.stderr, flush=True)
+  log(f'largest per-device batch for {f["model"]} {f["dtype"]} {f["image_size"]}px'
+      f'{" remat" if f["remat"] else ""}, limit {limit / GIB:.2f} GiB:')
+  found = largest_batch(base, limit, f['granularity'], log=log)
+  env = _environment(parallel.make_mesh(), base)
+  record = {**env, 'model': f['model'], 'width': f['width'], 'image_size': f['image_size'],
+            'dtype': f['dtype'], 'remat': f['remat'], 'max_batch': found}
+  log(f'  -> {found["max_per_device_batch"]} per device ({_fmt_bytes(found["bytes_at_max"])})')
+  if f['verify']:
+    record['max_batch']['verified'] = verify_batch(base, found['max_per_device_batch'], f['granularity'],
+                                                   log=log)
+  emit(record)
+
+
 def main(argv, flag_holders) -> None:
-  from absl import flags, logging
-  if not flags.FLAGS['verbosity'].present:  # the output is the summary (or JSON): no library INFO lines
-    logging.set_verbosity(logging.WARNING)
   f = cli.start_command(argv, flag_holders)
-  import jax
-  from vggjax import models
   try:
     models.canonical_name(f['model'])
   except ValueError as e:
@@ -610,11 +342,7 @@ def main(argv, flag_holders) -> None:
     if bad and not f['max_batch']:
       raise cli.CommandError(f'--batch={",".join(map(str, bad))}: a global batch must be a multiple of the '
                              f'number of devices ({jax.device_count()})')
-  base = Options(model=f['model'], image_size=f['image_size'], dtype=f['dtype'], num_classes=f['num_classes'],
-                 width=f['width'], fc_features=f['fc_features'], remat=f['remat'], steps=f['steps'],
-                 repeats=f['repeats'], warmup=f['warmup'], eval_size=f['eval_size'],
-                 eval_batch=f['eval_batch'], peak_tflops=f['peak_tflops'], color_shift=f['color_shift'],
-                 seed=f['seed'])
+  base = Options(**{k.name: f[k.name] for k in dataclasses.fields(Options) if k.name != 'batch'})
 
   def emit(record: dict) -> None:
     line = json.dumps(record)
@@ -625,23 +353,8 @@ def main(argv, flag_holders) -> None:
         out.write(line + '\n')
 
   if f['max_batch']:
-    limit = int(f['memory_limit_gb'] * GIB) if f['memory_limit_gb'] else device_memory()['limit_bytes']
-    if not limit:
-      raise cli.CommandError('this backend reports no memory limit: give --memory_limit_gb')
-    print(f'largest per-device batch for {f["model"]} {f["dtype"]} {f["image_size"]}px'
-          f'{" remat" if f["remat"] else ""}, limit {limit / GIB:.2f} GiB:', file=sys.stderr)
-    found = max_batch_size(base, limit, f['granularity'], log=lambda s: print(s, file=sys.stderr))
-    env = _environment(_build(dataclasses.replace(base, batch=len(jax.devices())))[0], base)
-    record = {**env, 'model': f['model'], 'width': f['width'], 'image_size': f['image_size'],
-              'dtype': f['dtype'], 'remat': f['remat'], 'max_batch': found}
-    print(f'  -> {found["max_per_device_batch"]} per device ({_fmt_bytes(found["bytes_at_max"])})',
-          file=sys.stderr)
-    if f['verify']:
-      record['max_batch']['verified'] = verify_batch(base, found['max_per_device_batch'], f['granularity'],
-                                                     log=lambda s: print(s, file=sys.stderr))
-    emit(record)
+    _max_batch_main(f, base, emit)
     return
-
   for b in batches:
     record = run_benchmark(dataclasses.replace(base, batch=b))
     print(summary(record), file=sys.stderr if f['json'] else sys.stdout, flush=True)

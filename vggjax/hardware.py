@@ -1,4 +1,5 @@
-"""The one table of accelerator generations the planner (vggjax.plan) reasons with, with its sources.
+"""The one table of accelerators: the TPU generations the planner (vggjax.plan) compiles for, with their
+sources, and the peak FLOP/s of the other devices the benchmark (vggjax.benchmark) meets.
 
 A Cloud TPU slice is named by its accelerator type: ``v4-8`` ... ``v4-4096`` and ``v5p-8`` ... (the number
 counts TensorCores, two per chip), ``v5litepod-1`` ... ``v5litepod-256`` (alias ``v5e-N``) and ``v6e-1`` ...
@@ -20,7 +21,8 @@ Figures per chip, from the Cloud TPU system-architecture pages (docs.cloud.googl
   per 8-chip host (6.4 Tbit/s per 256-chip pod), 25 Gbit/s per chip. No per-chip DCN figure is published for
   v4 and v6e on those pages: 25 Gbit/s per chip is ASSUMED for them (``vggjax.plan --dcn_gbps`` overrides).
 
-GPUs are in ``vggjax.benchmark.PEAK_TFLOPS`` (peak FLOP/s only); a GPU plan compiles on the attached card.
+GPUs (and TPU v2/v3, which the planner does not compile for) are in ``PEAK_TFLOPS``, peak FLOP/s only;
+``peak_tflops`` looks a device up in both (a GPU plan compiles on the attached card).
 """
 
 from __future__ import annotations
@@ -50,18 +52,62 @@ class Chip:
   dcn_assumed: bool  # True where no DCN figure is published (see the module docstring)
   device_kind: str  # what jax reports as device_kind
   source: str
+  kind_pattern: str = ''  # matches the lower-cased device kinds of this generation (peak_tflops)
 
 
 CHIPS: dict[str, Chip] = {c.generation: c for c in (
     Chip('v4', ('v4',), 'v4', 'megacore', 2, 4, 32 * GIB, 275e12, 1200 * GB, 1.1e15 / 4096,
-         25e9 / 8, True, 'TPU v4', 'docs.cloud.google.com/tpu/docs/v4'),
+         25e9 / 8, True, 'TPU v4', 'docs.cloud.google.com/tpu/docs/v4', r'^tpu.*v4'),
     Chip('v5e', ('v5litepod', 'v5e'), 'v5e', 'default', 1, 4, 16 * GIB, 197e12, 819 * GB, 51.2e12 / 256,
-         25e9 / 8, False, 'TPU v5 lite', 'docs.cloud.google.com/tpu/docs/v5e'),
+         25e9 / 8, False, 'TPU v5 lite', 'docs.cloud.google.com/tpu/docs/v5e', r'^tpu.*(v5 ?lite|v5e)'),
     Chip('v5p', ('v5p',), 'v5', 'megacore', 2, 4, 95 * GIB, 459e12, 2765 * GB, 1200 * GB / 2,
-         50e9 / 8, False, 'TPU v5', 'docs.cloud.google.com/tpu/docs/v5p'),
+         50e9 / 8, False, 'TPU v5', 'docs.cloud.google.com/tpu/docs/v5p', r'^tpu.*v5'),
     Chip('v6e', ('v6e',), 'v6e', 'default', 1, 4, 32 * GIB, 918e12, 1640 * GB, 102.4e12 / 256,
-         25e9 / 8, True, 'TPU v6 lite', 'docs.cloud.google.com/tpu/docs/v6e'),
+         25e9 / 8, True, 'TPU v6 lite', 'docs.cloud.google.com/tpu/docs/v6e', r'^tpu.*(v6|trillium)'),
 )}
+
+DTYPES = ('float32', 'bfloat16')
+
+# Peak dense (no structured sparsity) TFLOP/s of one device as JAX sees it, from the vendors' datasheets, for
+# the devices CHIPS does not hold. 'bfloat16': the 16-bit matrix units. 'float32': the rate of what XLA runs
+# by default for float32 convolutions and matmuls: TF32 tensor cores on Ampere and later, the FP32 units on
+# Volta/Turing, and single-pass bf16 on TPUs (JAX's default precision there: a CHIPS generation's float32
+# peak is its bf16 peak). TPU v2/v3 show each core as a device (half a chip). V100 and T4 have no bf16
+# units: their 'bfloat16' entry is the fp16 tensor-core peak, which XLA does not reach with bf16.
+# (pattern on the lower-cased device kind, label, bfloat16, float32)
+PEAK_TFLOPS: tuple[tuple[str, str, float, float], ...] = (
+    (r'b200', 'B200', 2250.0, 1100.0),
+    (r'gh200', 'GH200', 989.4, 494.7),
+    (r'h200', 'H200', 989.4, 494.7),
+    (r'h100.*nvl', 'H100 NVL', 835.5, 417.5),
+    (r'h100.*pcie', 'H100 PCIe', 756.0, 378.0),
+    (r'h100|h800', 'H100 SXM', 989.4, 494.7),
+    (r'a100|a800', 'A100', 312.0, 156.0),
+    (r'l40s', 'L40S', 362.0, 183.0),
+    (r'\bl40\b', 'L40', 181.0, 90.5),
+    (r'\bl4\b', 'L4', 121.0, 60.0),
+    (r'\ba10\b', 'A10', 125.0, 62.5),
+    (r'v100', 'V100', 125.0, 15.7),
+    (r'\bt4\b', 'T4', 65.0, 8.1),
+    (r'^tpu.*v3', 'TPU v3 (per core)', 61.5, 61.5),
+    (r'^tpu.*v2', 'TPU v2 (per core)', 22.5, 22.5),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
+  """(peak dense TFLOP/s of one device for `dtype`, its label), or (None, None) if unknown: a TPU generation
+  of CHIPS (its bf16 peak for both dtypes), else a device of PEAK_TFLOPS."""
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
+  kind = (device_kind or '').lower()
+  for chip in CHIPS.values():
+    if re.search(chip.kind_pattern, kind):
+      return chip.peak_bf16_flops / 1e12, f'TPU {chip.generation}'
+  for pattern, label, bf16, f32 in PEAK_TFLOPS:
+    if re.search(pattern, kind):
+      return (bf16 if dtype == 'bfloat16' else f32), label
+  return None, None
+
 
 # Slice shapes by chip count. 2-D (v5e, v6e): single-host slices of 1, 4 and 8 chips, then hosts of 4 chips.
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
