@@ -25,26 +25,26 @@ FAST_COMPILE = {'XLA_FLAGS': '--xla_backend_optimization_level=0 --xla_llvm_disa
 
 
 def test_flops_and_mfu_on_a_hand_computed_case():
-  per_image = vb.train_flops_per_image('vgg11', 32, **TINY_OPTIONS)
+  per_image = metrology.train_flops_per_image('vgg11', 32, **TINY_OPTIONS)
   assert per_image == 3 * 2 * TINY_MACS == 390336
   # 100 images in 10 ms on 2 devices of 0.01 TFLOP/s peak each.
-  t = vb.throughput(per_image, batch=100, step_time_s=0.01, peak_per_device=0.01, num_devices=2)
+  t = metrology.throughput(per_image, batch=100, step_time_s=0.01, peak_per_device=0.01, num_devices=2)
   assert t['images_per_s'] == pytest.approx(10000.0)
   assert t['tflops'] == pytest.approx(390336 * 100 / 0.01 / 1e12)  # 3.90336e-3
   assert t['tflops_per_device'] == pytest.approx(1.95168e-3)
   assert t['mfu'] == pytest.approx(0.195168)
-  assert vb.throughput(per_image, 100, 0.01, None, 2)['mfu'] is None
+  assert metrology.throughput(per_image, 100, 0.01, None, 2)['mfu'] is None
   # Dense evaluation at 64 px: 4x the pixels in every conv, and a 2x2 score map: fc6-fc8 run at 4 cells.
-  assert vb.eval_flops_per_image('vgg11', 64, 32, **TINY_OPTIONS) == 2 * 4 * TINY_MACS
+  assert metrology.eval_flops_per_image('vgg11', 64, 32, **TINY_OPTIONS) == 2 * 4 * TINY_MACS
 
 
 def test_vgg16_flops_match_the_published_count():
   # VGG-16 at 224: 15.47 GMACs per forward pass (the figure torchvision publishes), 3x for training.
-  per_image = vb.train_flops_per_image('vgg16', 224)
+  per_image = metrology.train_flops_per_image('vgg16', 224)
   assert per_image / 6 == pytest.approx(15.47e9, rel=2e-3)
   # 2000 img/s on one H100 SXM in bf16 is 185.6 TFLOP/s, 18.8% of 989.4.
   peak, label = hardware.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16')
-  t = vb.throughput(per_image, 256, 256 / 2000, peak, 1)
+  t = metrology.throughput(per_image, 256, 256 / 2000, peak, 1)
   assert label == 'H100 SXM' and t['tflops'] == pytest.approx(per_image * 2000 / 1e12)
   assert t['mfu'] == pytest.approx(per_image * 2000 / 1e12 / 989.4)
 
@@ -98,7 +98,7 @@ def test_time_steps_excludes_warmup_and_syncs_before_reading_the_clock(monkeypat
     clock['pending'] = 0.0
 
   monkeypatch.setattr(metrology.time, 'perf_counter', lambda: clock['now'])
-  timing = vb.time_steps(run, sync, steps=2, repeats=3, warmup=2)
+  timing = metrology.time_steps(run, sync, steps=2, repeats=3, warmup=2)
   assert timing.warmup_s == [5.0, 5.0]
   assert timing.per_step == [1.0, 3.0, 2.0]
   assert timing.median == 2.0
@@ -106,7 +106,7 @@ def test_time_steps_excludes_warmup_and_syncs_before_reading_the_clock(monkeypat
   d = timing.to_dict()
   assert (d['step_time_s'], d['step_time_min_s'], d['step_time_max_s'], d['repeats']) == (2.0, 1.0, 3.0, 3)
   with pytest.raises(ValueError):
-    vb.time_steps(run, sync, steps=0, repeats=1, warmup=0)
+    metrology.time_steps(run, sync, steps=0, repeats=1, warmup=0)
 
 
 TRAIN_FIELDS = {'step_time_s', 'step_time_min_s', 'step_time_max_s', 'step_times_s', 'steps', 'repeats',
@@ -155,7 +155,7 @@ def test_cli_prints_json_with_every_field(cli_record):
   e = r['eval']
   assert (e['image_size'], e['batch'], e['score_map']) == (64, 4, [2, 2])
   assert e['images_per_s'] == pytest.approx(4 / e['step_time_s'])
-  assert e['gflops_per_image'] == pytest.approx(vb.eval_flops_per_image('vgg11', 64, 32, **TINY_OPTIONS) / 1e9)
+  assert e['gflops_per_image'] == pytest.approx(metrology.eval_flops_per_image('vgg11', 64, 32, **TINY_OPTIONS) / 1e9)
 
 
 @pytest.mark.slow
@@ -178,10 +178,10 @@ def test_max_batch_search_finds_the_edge():
   """--max_batch is the plan's search (vggjax.aot.search) with a probe that compiles on the attached devices:
   with a limit just above the memory at 40 images per device, 40 fits and 48 does not."""
   from vggjax.aot import search
-  opts = vb.Options(model='vgg11', image_size=32, dtype='float32', **TINY_OPTIONS)
-  steps = vb.build_steps(opts)
+  opts = metrology.Options(model='vgg11', image_size=32, dtype='float32', **TINY_OPTIONS)
+  steps = metrology.build_steps(opts)
   at_40 = search.TrainStepProbe.on_attached_devices(steps, 2 ** 40, print, opts.dtype)(40)
-  found = vb.largest_batch(opts, limit_bytes=at_40 + 1, granularity=8)
+  found = metrology.largest_batch(opts, limit_bytes=at_40 + 1, granularity=8)
   assert found['max_per_device_batch'] == 40 and found['exact'] and found['first_not_fitting'] == 48
   assert found['bytes_at_max'] == at_40 and found['probes']['48'] > at_40 + 1
   assert found['bytes_per_image'] > 0 and found['search'][0].startswith('32:')
