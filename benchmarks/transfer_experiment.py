@@ -180,20 +180,22 @@ def pixel_results(target: pathlib.Path, protocols: list[dict], scene: str, ap_mo
   """The same SVMs and splits on raw pixels (the whole image as one vector, L2-normalised: 28x28 grey for
   the plain scene, 48x48x3 for photos)."""
   import ml_collections
-  from vggjax import transfer
+  from vggjax import linear_probe
+  from vggjax.data.examples import open_examples
+  from vggjax.descriptors import l2_normalize
   cfg = ml_collections.ConfigDict({'source': 'folder', 'data_dir': str(target), 'train_split': 'train',
                                    'eval_split': 'val', 'name': ''})
-  tr, ev = transfer.open_examples(cfg, 'train'), transfer.open_examples(cfg, 'val')
+  tr, ev = open_examples(cfg, 'train'), open_examples(cfg, 'val')
   x = np.stack([pixels(ex.image(i), scene) for ex in (tr, ev) for i in range(len(ex))])
-  x = transfer.l2_normalize(x.astype(np.float32))
+  x = l2_normalize(x.astype(np.float32))
   y = np.concatenate([tr.labels, ev.labels])
   out = []
   for p in protocols:
     if p['train_per_class']:
-      splits = transfer.class_splits(y, p['train_per_class'], 0, p['num_splits'], 0)
+      splits = linear_probe.class_splits(y, p['train_per_class'], 0, p['num_splits'], 0)
     else:
       splits = [(np.arange(len(tr)), len(tr) + np.arange(len(ev)))]
-    out.append(transfer.run_protocol(x, y, splits, num_classes=len(tr.class_names), ap_mode=ap_mode))
+    out.append(linear_probe.run_protocol(x, y, splits, num_classes=len(tr.class_names), ap_mode=ap_mode))
   return out
 
 
@@ -202,7 +204,9 @@ def control_results(source: pathlib.Path, nets: dict, sizes: dict, cache_dir: pa
   """The control: the same descriptors, SVMs and random splits on held-out images of the classes the net
   was trained on (the source's val folder as one pool), and raw pixels on the same splits."""
   import ml_collections
-  from vggjax import transfer
+  from vggjax import linear_probe, transfer
+  from vggjax.data.examples import open_examples
+  from vggjax.descriptors import l2_normalize
   cfg = ml_collections.ConfigDict({'source': 'folder', 'data_dir': str(source), 'train_split': 'val',
                                    'eval_split': '', 'name': 'Fashion-MNIST 0-4'})
   rows = {}
@@ -211,12 +215,13 @@ def control_results(source: pathlib.Path, nets: dict, sizes: dict, cache_dir: pa
                                       scales=SCALES, train_per_class=n, num_splits=sizes['num_splits'],
                                       cache_dir=str(cache_dir), progress=False)
                     for n in sizes['splits_per_class']]
-  ex = transfer.open_examples(cfg, 'val')
+  ex = open_examples(cfg, 'val')
   x = np.stack([pixels(ex.image(i), scene) for i in range(len(ex))]).astype(np.float32)
-  x = transfer.l2_normalize(x)
-  rows['pixels'] = [transfer.run_protocol(x, ex.labels, transfer.class_splits(ex.labels, n, 0,
-                                                                              sizes['num_splits']),
-                                          num_classes=len(ex.class_names)) for n in sizes['splits_per_class']]
+  x = l2_normalize(x)
+  rows['pixels'] = [linear_probe.run_protocol(x, ex.labels, linear_probe.class_splits(ex.labels, n, 0,
+                                                                                      sizes['num_splits']),
+                                              num_classes=len(ex.class_names))
+                    for n in sizes['splits_per_class']]
   return {m: [{k: r[k] for k in ('mean_class_recall', 'mean_class_recall_std')} for r in rs]
           for m, rs in rows.items()}
 

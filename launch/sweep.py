@@ -179,16 +179,7 @@ _is_remote, _path, _join, read_json = rundir.is_remote, rundir.path, rundir.join
 
 
 def write_json(path: str, data: Any) -> None:
-  p = _path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  text = json.dumps(data, indent=2, sort_keys=False) + '\n'
-  if _is_remote(path):
-    p.write_text(text)
-    return
-  tmp = str(p) + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, p)
+  rundir.write_json(path, data)  # written whole: a reader never sees half a manifest
 
 
 read_rows = rundir.read_rows

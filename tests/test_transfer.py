@@ -3,7 +3,6 @@ scikit-learn's, the random per-class splits, the descriptors (average vs stack, 
 nets) against vggjax.features, the descriptor cache (reused, invalidated, resumed), the CLI on an image
 folder, and a real transfer between Fashion-MNIST's two halves."""
 
-import functools
 import json
 import pathlib
 import subprocess
@@ -16,7 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import IN_CI, REPO, subprocess_env
-from vggjax import checkpoints, features, models, transfer
+from vggjax import checkpoints, features, linear_probe, models, transfer
+from vggjax import descriptors as desc
+from vggjax.data import examples
+from vggjax.evaluation import metrics
 
 FC = 32  # fc6/fc7 width of the narrow test networks
 SCALES = (32, 48)
@@ -64,19 +66,19 @@ def test_mean_class_recall_and_confusion_by_hand_and_sklearn():
   y_true = [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
   y_pred = [0, 0, 1, 2, 1, 0, 2, 2, 2, 2, 2, 1]
   # Class recalls by hand: 2/4, 1/2, 5/6; their mean, not the accuracy 8/12.
-  assert transfer.mean_class_recall(y_true, y_pred) == pytest.approx((2 / 4 + 1 / 2 + 5 / 6) / 3)
-  assert transfer.mean_class_recall(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+  assert metrics.mean_class_recall(y_true, y_pred) == pytest.approx((2 / 4 + 1 / 2 + 5 / 6) / 3)
+  assert metrics.mean_class_recall(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
   rng = np.random.default_rng(0)
   a, b = rng.integers(0, 7, 500), rng.integers(0, 7, 500)
-  assert transfer.mean_class_recall(a, b) == pytest.approx(recall_score(a, b, average='macro'))
-  np.testing.assert_array_equal(transfer.confusion_matrix(a, b, 7), confusion_matrix(a, b, labels=range(7)))
-  m = transfer.confusion_matrix(y_true, y_pred, 4)
+  assert metrics.mean_class_recall(a, b) == pytest.approx(recall_score(a, b, average='macro'))
+  np.testing.assert_array_equal(metrics.confusion_matrix(a, b, 7), confusion_matrix(a, b, labels=range(7)))
+  m = metrics.confusion_matrix(y_true, y_pred, 4)
   assert m.shape == (4, 4) and m[0].tolist() == [2, 1, 1, 0] and m[3].sum() == 0
 
 
 def test_average_precision_by_hand_and_sklearn():
   from sklearn.metrics import average_precision_score
-  ap = transfer.average_precision
+  ap = metrics.average_precision
   # Ranked: negative, positive (P 1/2, R 1/2), positive (P 2/3, R 1). Uninterpolated: 1/2*1/2 + 1/2*2/3;
   # VOC: precision made monotone, 2/3 at both recalls.
   scores, targets = [0.9, 0.5, 0.1], [False, True, True]
@@ -95,11 +97,11 @@ def test_average_precision_by_hand_and_sklearn():
     assert ap(s, t, 'none') == pytest.approx(average_precision_score(t, s))
     assert ap(s, t, 'voc12') >= ap(s, t, 'none') - 1e-12
   scores, targets = rng.normal(size=(100, 4)), rng.random((100, 4)) < 0.4
-  m, aps = transfer.mean_average_precision(scores, targets, 'none')
+  m, aps = metrics.mean_average_precision(scores, targets, 'none')
   assert m == pytest.approx(average_precision_score(targets, scores, average='macro'))
   assert aps.shape == (4,)
   targets[:, 2] = False  # a class without positives is left out of the mean
-  m, aps = transfer.mean_average_precision(scores, targets, 'none')
+  m, aps = metrics.mean_average_precision(scores, targets, 'none')
   assert np.isnan(aps[2]) and m == pytest.approx(np.mean(aps[[0, 1, 3]]))
   with pytest.raises(ValueError, match='AP mode'):
     ap(scores[:, 0], targets[:, 0], 'voc09')
@@ -107,19 +109,19 @@ def test_average_precision_by_hand_and_sklearn():
 
 def test_class_splits():
   labels = np.repeat(np.arange(4), [10, 12, 8, 31])
-  splits = transfer.class_splits(labels, train_per_class=5, test_per_class=4, num_splits=3, seed=0)
+  splits = linear_probe.class_splits(labels, train_per_class=5, test_per_class=4, num_splits=3, seed=0)
   assert len(splits) == 3
   for train, test in splits:
     assert np.bincount(labels[train]).tolist() == [5, 5, 5, 5]
     assert np.bincount(labels[test]).tolist() == [4, 4, 3, 4]  # class 2 has 8: 3 left after training
     assert not set(train) & set(test)
   assert not np.array_equal(splits[0][0], splits[1][0])  # different random splits
-  again = transfer.class_splits(labels, 5, 4, 3, seed=0)
+  again = linear_probe.class_splits(labels, 5, 4, 3, seed=0)
   assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(splits, again))
-  train, test = transfer.class_splits(labels, 5, 0, 1)[0]
+  train, test = linear_probe.class_splits(labels, 5, 0, 1)[0]
   assert len(test) == len(labels) - 20  # 0: all the rest
   with pytest.raises(ValueError, match="'c'"):
-    transfer.class_splits(labels, 8, class_names=['a', 'b', 'c', 'd'])
+    linear_probe.class_splits(labels, 8, class_names=['a', 'b', 'c', 'd'])
 
 
 def test_svms_choose_c_by_cross_validation_single_and_multilabel():
@@ -127,19 +129,19 @@ def test_svms_choose_c_by_cross_validation_single_and_multilabel():
   centres = rng.normal(size=(3, 20)) * 2
   y = np.repeat(np.arange(3), 30)
   x = centres[y] + rng.normal(size=(90, 20))
-  clf, c, cv = transfer.fit_svm(x, y, cs=(0.001, 1.0), folds=3)
+  clf, c, cv = linear_probe.fit_svm(x, y, cs=(0.001, 1.0), folds=3)
   assert c in (0.001, 1.0) and set(cv) == {'0.001', '1.0'} and cv[str(c)] == max(cv.values())
-  assert transfer.svm_scores(clf, x, 3).shape == (90, 3)
+  assert linear_probe.svm_scores(clf, x, 3).shape == (90, 3)
   # A class absent from the training data still has a (lowest) score column.
-  clf, _, _ = transfer.fit_svm(x[y < 2], y[y < 2], cs=(1.0,))
-  s = transfer.svm_scores(clf, x, 3)
+  clf, _, _ = linear_probe.fit_svm(x[y < 2], y[y < 2], cs=(1.0,))
+  s = linear_probe.svm_scores(clf, x, 3)
   assert s.shape == (90, 3) and np.all(s[:, 2] < s[:, :2].min(axis=1))
   # Multi-label targets (VOC-like): one SVM per class, C by cross-validated mAP, scored by mAP.
   t = np.stack([y == 0, y != 1, y == 2], axis=1)
   splits = [(np.arange(0, 90, 2), np.arange(1, 90, 2))]
-  result = transfer.run_protocol(x, t, splits, num_classes=3, cs=(0.01, 1.0))
+  result = linear_probe.run_protocol(x, t, splits, num_classes=3, cs=(0.01, 1.0))
   assert result['mAP'] > 0.9 and 'mean_class_recall' not in result and result['confusion'] is None
-  single = transfer.run_protocol(x, y, splits, num_classes=3, cs=(0.01, 1.0))
+  single = linear_probe.run_protocol(x, y, splits, num_classes=3, cs=(0.01, 1.0))
   assert single['mean_class_recall'] > 0.9 and np.sum(single['confusion']) == 45
 
 
@@ -147,87 +149,87 @@ def test_svms_choose_c_by_cross_validation_single_and_multilabel():
 
 
 def test_descriptors_match_features_average_stack_flip_and_nets(nets, tmp_path):
-  ex = transfer.open_examples(digits_cfg(), 'validation[:4]')
+  ex = examples.open_examples(digits_cfg(), 'validation[:4]')
   images = [ex.image(i) for i in range(len(ex))]
-  net_a, net_b = transfer.load_net(nets[0]), transfer.load_net(nets[1])
-  cache = transfer.DescriptorCache(tmp_path / 'cache')
-  avg, valid = transfer.descriptors([net_a], ex, SCALES, 'average', cache=cache)
+  net_a, net_b = desc.load_net(nets[0]), desc.load_net(nets[1])
+  describe = desc.Descriptors(desc.DescriptorCache(tmp_path / 'cache'))
+  avg, valid = describe([net_a], ex, SCALES, 'average')
   assert avg.shape == (4, FC) and valid.all()
   np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1, atol=1e-6)
   np.testing.assert_allclose(avg, features.extract(net_a.variables, net_a.meta, images, SCALES), atol=1e-5)
   # Stacked: the per-scale descriptors side by side, normalised together; their sum is the average's.
-  stack, _ = transfer.descriptors([net_a], ex, SCALES, 'stack', cache=cache)
+  stack, _ = describe([net_a], ex, SCALES, 'stack')
   assert stack.shape == (4, FC * len(SCALES))
   np.testing.assert_allclose(np.linalg.norm(stack, axis=1), 1, atol=1e-6)
   summed = stack[:, :FC] + stack[:, FC:]
   np.testing.assert_allclose(summed / np.linalg.norm(summed, axis=1, keepdims=True), avg, atol=1e-5)
   # Flips: with them an image and its mirror image have one descriptor; without them, the image alone.
-  mirrored = transfer.Examples(ex.source.subset(np.arange(4), 'm'), ex.labels, ex.class_names, 'm')
+  mirrored = examples.Examples(ex.source.subset(np.arange(4), 'm'), ex.labels, ex.class_names, 'm')
   mirrored.source.images = np.ascontiguousarray(mirrored.source.images[:, :, ::-1])
-  flipped_avg, _ = transfer.descriptors([net_a], mirrored, SCALES, cache=cache)
+  flipped_avg, _ = describe([net_a], mirrored, SCALES)
   np.testing.assert_allclose(flipped_avg, avg, atol=1e-5)
-  no_flip, _ = transfer.descriptors([net_a], ex, SCALES, flip=False, cache=cache)
+  no_flip, _ = describe([net_a], ex, SCALES, flip=False)
   np.testing.assert_allclose(no_flip, features.extract(net_a.variables, net_a.meta, images, SCALES,
                                                        flip=False), atol=1e-5)
   assert np.abs(no_flip - avg).max() > 1e-3
-  no_flip_mirrored, _ = transfer.descriptors([net_a], mirrored, SCALES, flip=False, cache=cache)
+  no_flip_mirrored, _ = describe([net_a], mirrored, SCALES, flip=False)
   assert np.abs(no_flip_mirrored - no_flip).max() > 1e-3
   # Two nets: each net's descriptor, side by side, normalised together.
-  both, _ = transfer.descriptors([net_a, net_b], ex, SCALES, cache=cache)
-  b_avg, _ = transfer.descriptors([net_b], ex, SCALES, cache=cache)
+  both, _ = describe([net_a, net_b], ex, SCALES)
+  b_avg, _ = describe([net_b], ex, SCALES)
   assert both.shape == (4, 2 * FC)
   np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1, atol=1e-6)
   np.testing.assert_allclose(both * np.sqrt(2), np.concatenate([avg, b_avg], axis=1), atol=1e-5)
   with pytest.raises(ValueError, match='combine'):
-    transfer.descriptors([net_a], ex, SCALES, 'max')
+    describe([net_a], ex, SCALES, 'max')
   with pytest.raises(ValueError, match='training size 32'):
-    transfer.descriptors([net_a], ex, (16,))
+    describe([net_a], ex, (16,))
 
 
 def test_cache_reused_invalidated_and_resumed(nets, tmp_path, monkeypatch):
-  ex = transfer.open_examples(digits_cfg(), 'validation[:20]')
-  net = transfer.load_net(nets[0])
-  cache = transfer.DescriptorCache(tmp_path / 'cache')
-  monkeypatch.setattr(transfer, 'CHUNK', 8)  # chunks of 8 images, batches of 4: one compiled shape per scale
-  descriptors = functools.partial(transfer.descriptors, batch_size=4)
-  first, _ = descriptors([net], ex, SCALES, cache=cache)
+  ex = examples.open_examples(digits_cfg(), 'validation[:20]')
+  net = desc.load_net(nets[0])
+  cache = desc.DescriptorCache(tmp_path / 'cache')
+  monkeypatch.setattr(desc, 'CHUNK', 8)  # chunks of 8 images, batches of 4: one compiled shape per scale
+  descriptors = desc.Descriptors(cache, batch_size=4)
+  first, _ = descriptors([net], ex, SCALES)
   assert cache.computed_images == 2 * 20
-  again, _ = descriptors([net], ex, SCALES, 'stack', cache=cache)  # other options: no compute
+  again, _ = descriptors([net], ex, SCALES, 'stack')  # other options: no compute
   assert cache.computed_images == 40
-  np.testing.assert_allclose(transfer.combine_scales(
+  np.testing.assert_allclose(desc.combine_scales(
       [again[:, :FC], again[:, FC:]], 'average'), first, atol=1e-6)  # same raw per-scale descriptors
-  descriptors([net], ex, (32, 64), cache=cache)  # one new scale
+  descriptors([net], ex, (32, 64))  # one new scale
   assert cache.computed_images == 60
-  descriptors([net], ex, SCALES, flip=False, cache=cache)  # another flip setting
+  descriptors([net], ex, SCALES, flip=False)  # another flip setting
   assert cache.computed_images == 100
-  other = transfer.open_examples(digits_cfg(), 'validation[1:21]')  # other images
-  descriptors([net], other, (32,), cache=cache)
+  other = examples.open_examples(digits_cfg(), 'validation[1:21]')  # other images
+  descriptors([net], other, (32,))
   assert cache.computed_images == 120
   # Changed weights (one bias), even in the same directory: everything afresh.
   variables, _ = checkpoints.load_weights(nets[0])
   variables = jax.tree_util.tree_map(np.array, variables)
   variables['params']['fc7']['bias'][0] += 0.5
-  changed = transfer.load_net(str(save_net(tmp_path / 'changed', variables=variables)))
+  changed = desc.load_net(str(save_net(tmp_path / 'changed', variables=variables)))
   assert changed.fingerprint != net.fingerprint
-  assert transfer.load_net(nets[0]).fingerprint == net.fingerprint
-  descriptors([changed], ex, SCALES, cache=cache)
+  assert desc.load_net(nets[0]).fingerprint == net.fingerprint
+  descriptors([changed], ex, SCALES)
   assert cache.computed_images == 160
   # Resumption: the run dies reading image 13; the next one computes only the chunks not on disk.
-  resumed_cache = transfer.DescriptorCache(tmp_path / 'resumed')
-  image = transfer.Examples.image
+  resumed_cache = descriptors.cache = desc.DescriptorCache(tmp_path / 'resumed')
+  image = examples.Examples.image
 
   def dying(self, i):
     if i == 13:
       raise KeyboardInterrupt
     return image(self, i)
 
-  monkeypatch.setattr(transfer.Examples, 'image', dying)
+  monkeypatch.setattr(examples.Examples, 'image', dying)
   with pytest.raises(KeyboardInterrupt):
-    descriptors([net], ex, SCALES, cache=resumed_cache)
+    descriptors([net], ex, SCALES)
   assert resumed_cache.computed_images == 2 * 8  # the first chunk, at both scales, is on disk
-  monkeypatch.setattr(transfer.Examples, 'image', image)
+  monkeypatch.setattr(examples.Examples, 'image', image)
   resumed_cache.computed_images = 0
-  resumed, _ = descriptors([net], ex, SCALES, cache=resumed_cache)
+  resumed, _ = descriptors([net], ex, SCALES)
   assert resumed_cache.computed_images == 2 * 12
   np.testing.assert_allclose(resumed, first, atol=1e-6)
   assert not list((tmp_path / 'resumed').rglob('chunk_*'))  # chunks folded into one file per scale
@@ -239,7 +241,7 @@ def test_transfer_on_one_pool_and_the_nets_own_classifier(nets, tmp_path):
   result = transfer.transfer([nets[0]], cfg, workdir=str(tmp_path / 'pool'), scales=(32,), train_per_class=2,
                              test_per_class=1, num_splits=2, cs=(1.0,), progress=False)
   assert result['protocol']['pool'] == ['train[:100]'] and len(result['splits']) == 2
-  classes = len(np.unique(transfer.open_examples(cfg, 'train[:100]').labels))
+  classes = len(np.unique(examples.open_examples(cfg, 'train[:100]').labels))
   assert all(s['num_train'] == 2 * classes and s['num_test'] == classes for s in result['splits'])
   with pytest.raises(ValueError, match='eval_split is empty'):
     transfer.transfer([nets[0]], cfg, workdir=str(tmp_path / 'pool'), scales=(32,), progress=False)
@@ -450,12 +452,12 @@ def test_multilabel_tfds_source_scored_by_map(nets, multilabel_tfds, tmp_path):
   cfg = ml_collections.ConfigDict({'source': 'tfds', 'name': 'vggjax_test_multilabel',
                                    'data_dir': str(data_dir), 'train_split': 'train', 'eval_split': 'test',
                                    'image_key': 'image', 'label_key': 'labels'})
-  ex = transfer.open_examples(cfg, 'train')
+  ex = examples.open_examples(cfg, 'train')
   assert ex.multilabel and ex.class_names == ['left', 'right', 'blue']
   rows = lambda t: sorted(map(tuple, t.astype(int)))  # noqa: E731 - TFDS shuffles the records
   assert rows(ex.labels) == rows(targets[:n_train])
   assert ex.image(0).shape == (96, 128, 3)
-  assert len(transfer.open_examples(cfg, 'train+test')) == len(targets)  # split arithmetic (VOC trainval)
+  assert len(examples.open_examples(cfg, 'train+test')) == len(targets)  # split arithmetic (VOC trainval)
   result = transfer.transfer([nets[0]], cfg, workdir=str(tmp_path / 'run'), scales=(32,), cs=(1.0,),
                              ap_mode='voc07', progress=False)
   assert result['multilabel'] and 'mean_class_recall' not in result and result['confusion'] is None

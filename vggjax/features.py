@@ -25,11 +25,7 @@ import numpy as np
 
 from vggjax import checkpoints
 from vggjax.data.transforms import list_images
-from vggjax.evaluation import ImageEvaluator, ImageSettings, descriptor_fn
-from vggjax.preprocessing import test_scales
-
-COMBINE = ('average', 'stack')
-PAPER_SCALES = test_scales(256, 512, multiscale=True)  # (256, 384, 512): multi-scale Q for S in [256; 512]
+from vggjax.descriptors import COMBINE, PAPER_SCALES, Descriptors, check_combine, combine_scales
 
 
 def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[int] = PAPER_SCALES,
@@ -47,25 +43,11 @@ def extract(variables: Any, meta: dict, images: Sequence[Any], scales: Sequence[
     progress: show a progress bar on stderr.
     flip: average with the horizontally flipped image's descriptor (the paper's; False: the image alone).
   """
-  if combine not in COMBINE:
-    raise ValueError(f'unknown combine {combine!r}; valid: {", ".join(COMBINE)}')
-  model = checkpoints.model_from_meta(meta)
-  scales = [int(q) for q in scales]
-  if not scales or min(scales) < model.image_size:
-    raise ValueError(f'scales {scales} must be given and at least the training size {model.image_size}')
-  fn = descriptor_fn(model, checkpoints.normalization_from_meta(meta), flip)
-  images = list(images)
+  check_combine(combine)
   # Images are decoded a chunk at a time, so a large folder is never held in memory at once.
-  settings = ImageSettings(scales=tuple(scales), style='torchvision', batch_size=batch_size,
-                           progress=progress, desc='features')
-  per_scale = ImageEvaluator(fn, settings).run(variables, images)
-  if not images:
-    width = np.shape(variables['params']['fc7']['kernel'])[-1]
-    return np.zeros((0, width * (len(scales) if combine == 'stack' else 1)), np.float32)
-  stacked = [d.astype(np.float64) for d in per_scale]
-  feats = np.mean(stacked, axis=0) if combine == 'average' else np.concatenate(stacked, axis=1)
-  norms = np.linalg.norm(feats, axis=1, keepdims=True)
-  return (feats / np.maximum(norms, 1e-12)).astype(np.float32)
+  per_scale = Descriptors(batch_size=batch_size, progress=progress).of_images(variables, meta, images, scales,
+                                                                              flip=flip)
+  return combine_scales(per_scale, combine)
 
 
 def save(out: str | os.PathLike, features: np.ndarray, files: Sequence[str], **info) -> pathlib.Path:
@@ -105,11 +87,14 @@ def main(argv):
   files = list_images(argv[1:])
   if not files:
     raise SystemExit(f'no images found in {argv[1:]}')
+  from vggjax import cli
+  files, skipped = cli.readable_images(files)  # an unreadable one is named on stderr; the rest go on
   variables, meta = checkpoints.load_weights(f.checkpoint)
   scales = [int(q) for q in f.scales]
   feats = extract(variables, meta, files, scales, f.combine, batch_size=f.batch_size, progress=True)
   out = save(f.out, feats, files, scales=scales, combine=f.combine)
   print(f'{feats.shape[0]} descriptors of {feats.shape[1]} dimensions -> {out}', file=sys.stderr)
+  cli.skipped_images(skipped, f'{feats.shape[0]} descriptors written')
 
 
 if __name__ == '__main__':

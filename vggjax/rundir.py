@@ -5,6 +5,9 @@
     WORKDIR/checkpoints/     Orbax step directories (checkpoints.TrainCheckpointer)
     WORKDIR/eval.json        the evaluation protocols' results (vggjax.evaluate)
 
+Every reader of a run's config.json goes through ``read_config``, and every whole-file write of a run
+directory (config.json, eval.json, transfer.json, a sweep's manifest) through ``write_text``/``write_json``.
+
 Standard library only (gs:// paths are read through etils.epath, imported when one is used).
 """
 
@@ -47,7 +50,36 @@ def read_json(p) -> Any:
 
 
 def read_config(workdir) -> dict | None:
+  """WORKDIR/config.json (local or gs://), None if there is none: the one reader of a run's config."""
   return read_json(join(workdir, CONFIG_FILE))
+
+
+def require_config(workdir, why: str = '') -> dict:
+  """WORKDIR/config.json; FileNotFoundError naming the file (and what needs it) if there is none."""
+  config = read_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{join(workdir, CONFIG_FILE)} does not exist{": " + why if why else ""}')
+  return config
+
+
+def write_text(p, text: str):
+  """Writes a whole file (its directory created): locally under a temporary name renamed when complete (a
+  reader never sees half a file); on an object store (gs://) in one upload, which is atomic there. Returns
+  the path (rundir.path)."""
+  p = path(p)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(p):
+    p.write_text(text)
+    return p
+  tmp = p.with_name(p.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, p)
+  return p
+
+
+def write_json(p, data: Any, *, indent: int = 2, sort_keys: bool = False):
+  """``data`` as a JSON file, written whole (write_text)."""
+  return write_text(p, json.dumps(data, indent=indent, sort_keys=sort_keys) + '\n')
 
 
 def read_rows(workdir) -> list[dict]:

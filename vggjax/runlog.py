@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 from etils import epath
 
+from vggjax import rundir
+
 log = _logging.getLogger('vggjax')
 
 
@@ -22,24 +24,12 @@ def run_path(workdir, *parts: str) -> epath.Path:
 
 
 def is_local(path: epath.Path) -> bool:
-  return '://' not in str(path)
+  return not rundir.is_remote(path)
 
 
 def write_text(path, text: str) -> epath.Path:
-  """Writes a whole file of a run: locally under a temporary name renamed when complete (a reader never sees
-  half a file); on an object store (gs://) in one upload, which is atomic there."""
-  path = epath.Path(path)
-  if is_local(path):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(path)
-  else:
-    path.write_text(text)
-  return path
-
-
-def read_json(path) -> Any:
-  return json.loads(epath.Path(path).read_text())
+  """Writes a whole file of a run, atomically (rundir.write_text)."""
+  return epath.Path(rundir.write_text(path, text))
 
 
 def _clean(v: Any) -> Any:
@@ -113,10 +103,8 @@ class MetricWriter:
 
 
 def read_metrics(workdir) -> list[dict]:
-  path = run_path(workdir, 'metrics.jsonl')
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The rows of WORKDIR/metrics.jsonl (rundir.read_rows)."""
+  return rundir.read_rows(workdir)
 
 
 def _notebook_kernel() -> bool:

@@ -33,7 +33,7 @@ import struct
 
 import numpy as np
 
-from vggjax import cli
+from vggjax import cli, rundir
 
 
 class RgbMoments:
@@ -182,7 +182,7 @@ def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None
       info.pop('alternativeFileFormats', None)
     else:
       info['alternativeFileFormats'] = list(info.get('alternativeFileFormats', [])) + ['array_record']
-    (target / 'dataset_info.json').write_text(json.dumps(info, indent=2))
+    rundir.write_text(target / 'dataset_info.json', json.dumps(info, indent=2))  # whole: TFDS reads it
     converted.append(target)
   return converted
 
@@ -221,7 +221,7 @@ def main(argv, flag_holders) -> None:
   stats = compute_stats(f['config'].data, f['num_images'], f['num_threads'])
   text = json.dumps(stats, indent=2)
   if f['output']:
-    pathlib.Path(f['output']).write_text(text + '\n')
+    rundir.write_text(f['output'], text + '\n')
   print(text)
   fmt = lambda xs: '(' + ', '.join(f'{x:.3f}' for x in xs) + ')'  # noqa: E731
   print(f'\n# {stats["num_images"]} images of {stats["source"]}; use:\n'

@@ -367,6 +367,9 @@ class TfdsSource(Source):
         raise KeyError(f'{self.name} has no feature {key!r} (features: {list(features)}); set '
                        f'data.image_key / data.label_key')
     label = features[self.label_key]
+    # A sequence of class labels (VOC's 'labels'): several classes per image (``label_targets``).
+    self.multilabel = type(label).__name__ == 'Sequence' and hasattr(label.feature, 'num_classes')
+    label = label.feature if self.multilabel else label
     self.class_names = list(label.names) if getattr(label, 'names', None) else None
     self._num_classes = int(getattr(label, 'num_classes', 0) or 0)
     self._skip = {self.image_key: tfds.decode.SkipDecoding()}
@@ -396,12 +399,32 @@ class TfdsSource(Source):
   def __len__(self) -> int:
     return len(self._ds)
 
-  def record(self, index: int) -> tuple[transforms.ImageOrBytes, int]:
+  def example(self, index: int) -> dict:
+    """The record's features, the image left encoded (bytes) where TFDS stores it so."""
     example = self._parse(self._ds[index]) if self._raw else self._ds[index]
     image = example[self.image_key]
     if isinstance(image, np.ndarray) and image.dtype == object:
-      image = image.item()
-    return image, int(example[self.label_key])
+      example = {**example, self.image_key: image.item()}
+    return example
+
+  def record(self, index: int) -> tuple[transforms.ImageOrBytes, int]:
+    if self.multilabel:
+      raise ValueError(f'{self.name}: {self.label_key!r} holds several classes per image; read them with '
+                       'label_targets() (a single-label task needs a single-label data.label_key)')
+    example = self.example(index)
+    return example[self.image_key], int(example[self.label_key])
+
+  def image(self, index: int) -> np.ndarray:
+    """The decoded image, uint8 (H, W, 3), of a single- or multi-label record."""
+    return transforms.load(self.example(index)[self.image_key])
+
+  def label_targets(self) -> np.ndarray:
+    """(N, num_classes) bool: each record's classes (a multi-label source; one per row for a single-label
+    one)."""
+    out = np.zeros((len(self), self.num_classes), bool)
+    for i in range(len(self)):
+      out[i, np.asarray(self.example(i)[self.label_key], np.int64)] = True
+    return out
 
   def describe(self, index: int) -> str:
     return f'tfds {self.tfds_name} split {self.split!r} record {index}'
