@@ -39,6 +39,11 @@ def test_default_run_reaches_95_percent(tmp_path):
   assert (workdir / 'curves.png').stat().st_size > 10_000
   assert os.listdir(workdir / 'checkpoints')
   print(f'default run: val top-1 {evals[-1]["val_top1"]:.4f} in {elapsed:.0f} s')
+  # The same command again: nothing to train, and it says where the run stands.
+  again = cli_util.run(workdir, env=env, timeout=300)
+  step = evals[-1]['step']
+  assert (f'done at step {step} ' in again and f'val top-1 {evals[-1]["val_top1"]:.4f}' in again
+          and f'(evaluated at step {step})' in again), again[-2000:]
 
 
 @pytest.mark.parametrize('override,message', [

@@ -18,7 +18,10 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 
 
 
+# Exit statuses of every command (the plan's 3 and 4 and training's 3 are the commands' own):
 EXIT_BAD_INPUT = 2  # a bad flag, a bad config field, stray arguments (absl's UsageError)
+EXIT_UNREADABLE = 65  # an undecodable image; predict/features: some images skipped (sysexits' DATAERR)
+EXIT_NO_INPUT = 66  # a missing file or folder, an empty data_dir, a workdir with no run (sysexits' NOINPUT)
 
 
 class CommandError(ValueError):
@@ -44,7 +47,7 @@ def resolve_config(spec: str) -> str:
   absolute) first, then among the installed configs, where `configs/vgg16.py`, `vgg16.py` and `vgg16` all
   name the shipped vgg16 config. ARG (`:jitter`, `:384`) is kept."""
   path, sep, arg = spec.partition(':')
-  if not path or os.path.exists(path):
+  if not path or os.path.isfile(path):  # a file only: a run directory named `demo` is not the demo config
     return spec
   name = path[len('configs/'):] if path.startswith(('configs/', 'configs' + os.sep)) else path
   name = name[:-3] if name.endswith('.py') else name
@@ -119,13 +122,23 @@ def program() -> str:
   return os.path.basename(name)
 
 
-def fail(message) -> None:
-  """Exits with EXIT_BAD_INPUT after one line on stderr naming the command and what was wrong (no
-  traceback, no usage text: the line says what is allowed)."""
+def fail(message, status: int = EXIT_BAD_INPUT) -> None:
+  """Exits with `status` (EXIT_BAD_INPUT) after one line on stderr naming the command and what was wrong
+  (no traceback, no usage text: the line says what is allowed)."""
   line = ' '.join(str(message).split()) or type(message).__name__
   sys.stderr.write(f'{program()}: error: {line}\n')
   sys.stderr.flush()
-  sys.exit(EXIT_BAD_INPUT)
+  sys.exit(status)
+
+
+def last_sentence(text: str) -> str:
+  """The message of a traceback flattened into an error (ml_collections' config loading: `vgg16:999`):
+  its last line without the exception's name, else `text` as it is."""
+  if 'Traceback (most recent call last)' not in text:
+    return text
+  last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+  name, sep, rest = last.partition(': ')
+  return rest if sep and name.replace('.', '').replace('_', '').isalnum() else last
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -144,7 +157,7 @@ def flag_errors():
   try:
     yield
   except flags.Error as e:
-    fail(e)
+    fail(last_sentence(str(e)))
   except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field of the config
     text = str(e.args[0] if e.args else e)
     if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's repr of its message
@@ -152,19 +165,76 @@ def flag_errors():
     fail(f'a --config.FIELD override names no field of the config: {text}')
 
 
+def verbose() -> bool:
+  """--verbosity >= 1: errors a user caused come with their traceback."""
+  from absl import logging
+  return logging.get_verbosity() >= 1
+
+
 def one_line_errors(main):
-  """`main` with its bad-input exceptions (absl's UsageError, CommandError and so config_lib.ConfigError)
-  turned into `fail`'s one line and exit 2."""
+  """`main` with the errors a user causes turned into `fail`'s one line: bad input (absl's UsageError,
+  CommandError and so config_lib.ConfigError) exit 2; a missing file, folder, run or dataset
+  (FileNotFoundError, NotADirectoryError, IsADirectoryError) EXIT_NO_INPUT; an unreadable image
+  (transforms.DecodeError) EXIT_UNREADABLE. The messages are written for a person already; with --verbosity=1
+  the missing-input errors keep their traceback."""
   import functools
   from absl import app
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
+    from vggjax.data.transforms import DecodeError
     try:
       return main(*args, **kwargs)
     except (app.UsageError, CommandError) as e:
       fail(e)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+      if verbose():
+        raise
+      fail(missing_message(e), EXIT_NO_INPUT)
+    except DecodeError as e:
+      if verbose():
+        raise
+      fail(e, EXIT_UNREADABLE)
   return wrapped
+
+
+def readable_images(files: list[str]) -> tuple[list[str], list[str]]:
+  """The image files whose header decodes, and one line per file that does not (`PATH: not a readable
+  image: ...`), each also written to stderr: predict and features go on with the rest and exit with
+  EXIT_UNREADABLE (`skipped_images`)."""
+  from vggjax.data import transforms
+  ok, skipped = [], []
+  for f in files:
+    try:
+      with open(f, 'rb') as fh:
+        transforms.dimensions(fh.read())
+      ok.append(f)
+    except (transforms.DecodeError, OSError) as e:
+      skipped.append(f'{f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}')
+  if skipped and not ok:
+    fail(f'no readable image among {len(files)} file(s) ({skipped[0]}{", ..." if len(skipped) > 1 else ""})',
+         EXIT_UNREADABLE)
+  for line in skipped:
+    sys.stderr.write(f'{program()}: skipped {line}\n')
+  return ok, skipped
+
+
+def skipped_images(skipped: list[str], done: str) -> None:
+  """The last line of a command that skipped unreadable images, and its exit status (EXIT_UNREADABLE)."""
+  if skipped:
+    sys.stderr.write(f'{program()}: {done}; {len(skipped)} unreadable image(s) skipped (named above)\n')
+    sys.stderr.flush()
+    sys.exit(EXIT_UNREADABLE)
+
+
+def missing_message(e: OSError) -> str:
+  """An OSError's sentence: the library's own message, or for one raised by the OS the path and what it
+  is not (`[Errno 2] No such file or directory: 'x'` -> `x: no such file or directory`)."""
+  if e.filename is None:
+    return str(e)
+  what = {FileNotFoundError: 'no such file or directory', NotADirectoryError: 'not a directory',
+          IsADirectoryError: 'a directory, not a file'}.get(type(e), e.strerror or type(e).__name__)
+  return f'{os.fsdecode(e.filename)}: {what}'
 
 
 def run_command(define_flags, main, *, argv: list[str] | None = None) -> None:
@@ -253,6 +323,56 @@ def usage() -> str:
           f'\n\ninstalled configs (--config=NAME[:ARG]): {", ".join(installed_configs())}\n')
 
 
+HELP_FLAGS = ('-h', '--help', '--helpshort', '-?')
+
+
+def version() -> str:
+  from vggjax import __version__
+  return __version__
+
+
+def describe(doc: str, module: str, command: str) -> str:
+  """A module's docstring as a command's description: `python -m MODULE` written `vggjax COMMAND`, and
+  the paragraphs for maintainers (those opening with "Why ", which say why the code is laid out as it is)
+  left to the source."""
+  paragraphs = (doc or '').strip().split('\n\n')
+  kept = [p for p in paragraphs if not p.lstrip().startswith('Why ')]
+  return '\n\n'.join(kept).replace(f'python -m {module} ', f'vggjax {command} ').rstrip() + '\n'
+
+
+def relative_paths(text: str) -> str:
+  """Help text without this installation's paths: a shipped config file as its --config name (`demo`),
+  the repository's files relative to it."""
+  import re
+  for directory in {str(CONFIG_DIR), str(CONFIG_DIR.resolve())}:
+    text = re.sub(re.escape(directory + os.sep) + r'(\w+)\.py', r'\1', text)
+  return text.replace(str(REPO) + os.sep, '')
+
+
+def command_help(command: str) -> str:
+  """`vggjax COMMAND --help`: the command's description and its own flags (not absl's logging flags)."""
+  import importlib
+  from absl import flags
+  name = COMMANDS[command][0]
+  module = importlib.import_module(name)
+  with flag_errors():
+    module._define_flags()
+  text = [f'usage: vggjax {command} [flags]{" " + ARGUMENTS[command] if command in ARGUMENTS else ""}\n\n',
+          describe(module.__doc__, name, command), '\nflags:\n']
+  by_module = flags.FLAGS.flags_by_module_dict()
+  for owner in (name, __name__):  # the command's flags, then the shared ones it defined (processes, devices)
+    if by_module.get(owner):
+      text.append(flags.FLAGS.module_help(owner).strip('\n').split('\n', 1)[-1] + '\n')  # no `module:` line
+  if command == 'train':
+    text.append('\nThe fields of --config: `vggjax train --workdir=DIR --dry_run` prints them all (their\n'
+                'defaults: configs/default.py).\n')
+  text.append('--verbosity=1 shows the traceback of an error; --helpfull lists absl\'s flags too.\n')
+  return relative_paths(''.join(text))
+
+
+ARGUMENTS = {'predict': 'IMAGE_OR_FOLDER...', 'features': 'IMAGE_OR_FOLDER...', 'prepare': 'stats|convert'}
+
+
 def main(argv: list[str] | None = None) -> None:
   """`vggjax train --workdir=DIR` is `python -m vggjax.main --workdir=DIR`, and so on for every command."""
   import importlib
@@ -260,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     sys.stdout.write(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
+  if argv[1] in ('--version', 'version'):
+    sys.stdout.write(f'vggjax {version()}\n')
+    sys.exit(0)
   command = argv[1]
   if command not in COMMANDS:
     sys.stderr.write(f'vggjax: unknown command {command!r}; one of {", ".join(COMMANDS)}\n\n{usage()}')
@@ -267,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   sys.argv = [f'vggjax {command}', *argv[2:]]
+  if any(a in HELP_FLAGS for a in argv[2:]):
+    sys.stdout.write(command_help(command))
+    sys.exit(0)
   add_config_roots(sys.argv)
   module = importlib.import_module(COMMANDS[command][0])
   if hasattr(module, 'run'):

@@ -139,6 +139,8 @@ def main(argv):
   files = list_images(argv[1:])
   if not files:
     raise SystemExit(f'no images found in {argv[1:]}')
+  from vggjax import cli
+  files, skipped = cli.readable_images(files)  # an unreadable one is named on stderr; the rest go on
   variables, meta = checkpoints.load_weights(f.checkpoint)
   num_classes = meta['model']['num_classes']
   names = labels_lib.resolve(f.labels or meta.get('labels'), num_classes)
@@ -149,6 +151,7 @@ def main(argv):
     print(json.dumps([p.to_dict() for p in predictions], indent=1))
   else:
     print(format_predictions(predictions))
+  cli.skipped_images(skipped, f'{len(predictions)} image(s) classified')
 
 
 if __name__ == '__main__':
