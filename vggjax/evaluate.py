@@ -77,7 +77,8 @@ def _load_config(config, workdir: str):
     return config
   path = checkpoints.absolute(workdir) / 'config.json'  # local or gs://
   if not path.exists():
-    raise FileNotFoundError(f'no --config given and {path} does not exist: pass the config of the data')
+    raise FileNotFoundError(f'--workdir={workdir} holds no training run (no {path.name}): give the workdir of a '
+                            f'`vggjax train` run, or --config=NAME of the data with --checkpoint=WEIGHTS')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
