@@ -165,6 +165,47 @@ def _read_chunk(examples: Examples, start: int, stop: int) -> tuple[list, list[b
   return images, ok
 
 
+def _compute(evaluator: ImageEvaluator, cache: DescriptorCache, net: Net, examples: Examples,
+             keys: Mapping[int, str], flip: bool, progress: bool) -> dict:
+  """The descriptors at the scales of `keys` (scale -> cache key), chunk by chunk, resuming from the
+  cached chunks; each finished scale goes into the cache."""
+  n = len(examples)
+  width = int(np.shape(net.variables['params']['fc7']['kernel'])[-1])
+  variables = jax.device_put(net.variables)
+  parts: dict[int, list[np.ndarray]] = {q: [] for q in keys}
+  bar = runlog.progress_bar(n * len(keys), f'descriptors {net.label} {examples.name}', unit='img',
+                            enabled=progress)
+  for start in range(0, n, CHUNK):
+    stop = min(start + CHUNK, n)
+    missing = []
+    for q, k in keys.items():
+      cached = cache.chunk(k, start)
+      if cached is not None:
+        parts[q].append(cached)
+        bar.update(stop - start)
+      else:
+        missing.append((q, k))
+    if not missing:
+      continue
+    images, ok = _read_chunk(examples, start, stop)
+    good = [im for im, readable in zip(images, ok) if readable]
+    for q, k in missing:
+      values = np.full((stop - start, width), np.nan, np.float32)
+      if good:
+        values[np.asarray(ok)] = np.stack(evaluator.at_scale(variables, good, q, bar))
+      bar.update(len(ok) - int(sum(ok)))
+      cache.computed_images += stop - start
+      cache.save_chunk(k, start, values, {'net': net.path, 'fingerprint': net.fingerprint,
+                                          'split': examples.name, 'scale': q, 'flip': flip, 'images': n})
+      parts[q].append(values)
+  bar.close()
+  done = {}
+  for q, k in keys.items():
+    done[q] = np.concatenate(parts[q]) if parts[q] else np.zeros((0, width), np.float32)
+    cache.finish(k, done[q])
+  return done
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The computer.
 
@@ -220,50 +261,12 @@ class Descriptors:
     done = {q: self.cache.load(k) for q, k in keys.items()}
     todo = [q for q in scales if done[q] is None]
     if todo:
-      done.update(self._compute(net, examples, {q: keys[q] for q in todo}, flip))
+      evaluator = self._evaluator('fc7', net.meta, todo, flip)
+      done.update(_compute(evaluator, self.cache, net, examples, {q: keys[q] for q in todo}, flip,
+                           self.progress))
     per_scale = [done[q] for q in scales]
     valid = np.all(np.isfinite(per_scale[0]), axis=1) if len(examples) else np.zeros(0, bool)
     return per_scale, valid
-
-  def _compute(self, net: Net, examples: Examples, keys: Mapping[int, str], flip: bool) -> dict:
-    """The descriptors at the scales of `keys` (scale -> cache key), chunk by chunk, resuming from the
-    cached chunks; each finished scale goes into the cache."""
-    n, cache = len(examples), self.cache
-    width = int(np.shape(net.variables['params']['fc7']['kernel'])[-1])
-    evaluator = self._evaluator('fc7', net.meta, list(keys), flip)
-    variables = jax.device_put(net.variables)
-    parts: dict[int, list[np.ndarray]] = {q: [] for q in keys}
-    bar = runlog.progress_bar(n * len(keys), f'descriptors {net.label} {examples.name}', unit='img',
-                              enabled=self.progress)
-    for start in range(0, n, CHUNK):
-      stop = min(start + CHUNK, n)
-      missing = []
-      for q, k in keys.items():
-        cached = cache.chunk(k, start)
-        if cached is not None:
-          parts[q].append(cached)
-          bar.update(stop - start)
-        else:
-          missing.append((q, k))
-      if not missing:
-        continue
-      images, ok = _read_chunk(examples, start, stop)
-      good = [im for im, readable in zip(images, ok) if readable]
-      for q, k in missing:
-        values = np.full((stop - start, width), np.nan, np.float32)
-        if good:
-          values[np.asarray(ok)] = np.stack(evaluator.at_scale(variables, good, q, bar))
-        bar.update(len(ok) - int(sum(ok)))
-        cache.computed_images += stop - start
-        cache.save_chunk(k, start, values, {'net': net.path, 'fingerprint': net.fingerprint,
-                                            'split': examples.name, 'scale': q, 'flip': flip, 'images': n})
-        parts[q].append(values)
-    bar.close()
-    done = {}
-    for q, k in keys.items():
-      done[q] = np.concatenate(parts[q]) if parts[q] else np.zeros((0, width), np.float32)
-      cache.finish(k, done[q])
-    return done
 
   def __call__(self, nets: Sequence[Net], examples: Examples, scales: Sequence[int] = PAPER_SCALES,
                combine: str = 'average', *, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
