@@ -135,7 +135,12 @@ def tiny_run(tmp_path_factory):
 
 
 def test_predict_names_and_skips_an_unreadable_image_and_classifies_the_rest(tiny_run):
-  p = vggjax_cmd('predict', '--checkpoint=run', 'images', cwd=tiny_run)
+  # JAX_PLATFORMS unset, as a user runs it: with libtpu installed (the tpu extra) and no TPU, the command runs
+  # on the CPU without libtpu's initialisation errors.
+  env = {k: v for k, v in subprocess_env(num_devices=1).items() if k != 'JAX_PLATFORMS'}
+  p = vggjax_cmd('predict', '--checkpoint=run', 'images', cwd=tiny_run, env=env)
+  if not any(cli_gpu_plugin()):
+    assert 'TPU_ACCELERATOR_TYPE' not in p.stderr and 'TPU_WORKER_HOSTNAMES' not in p.stderr, p.stderr
   assert p.returncode == cli.EXIT_UNREADABLE, p.stderr[-3000:]
   assert 'images/good.png' in p.stdout and ' 1. ' in p.stdout  # its top-5
   assert 'images/broken.jpg' not in p.stdout
@@ -145,6 +150,16 @@ def test_predict_names_and_skips_an_unreadable_image_and_classifies_the_rest(tin
   # Only unreadable images: one line naming the file.
   one_line(vggjax_cmd('predict', '--checkpoint=run', 'images/broken.jpg', cwd=tiny_run), 'predict',
            cli.EXIT_UNREADABLE, 'images/broken.jpg', 'no readable image')
+
+
+def cli_gpu_plugin():
+  import importlib.util
+  for m in cli.GPU_PLUGINS:
+    for name in (m, f'jax_plugins.{m}'):
+      try:
+        yield importlib.util.find_spec(name) is not None
+      except ImportError:  # no jax_plugins package
+        yield False
 
 
 def test_predict_missing_image_or_checkpoint_is_one_line(tiny_run):

@@ -324,6 +324,47 @@ def usage() -> str:
 
 
 HELP_FLAGS = ('-h', '--help', '--helpshort', '-?')
+GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm6_plugin', 'jax_rocm7_plugin')
+
+
+def google_pci_devices() -> int:
+  """PCI devices of Google's vendor id (0x1ae0): the TPU chips of a TPU VM, as JAX's own test counts them
+  (jax._src.hardware_utils), without importing JAX."""
+  import glob
+  n = 0
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(vendor) as f:
+        n += f.read().strip() == '0x1ae0'
+    except OSError:
+      continue
+  return n
+
+
+def cpu_only_without_a_tpu() -> bool:
+  """JAX_PLATFORMS=cpu where libtpu is installed (the `tpu` extra, for `vggjax plan`) but no TPU is
+  attached and no GPU plugin either: JAX would otherwise try libtpu as a backend, which prints five lines
+  about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES before falling back to the CPU. On a TPU VM (TPU chips
+  on the PCI bus, /dev/accel*), with a GPU plugin, or with JAX_PLATFORMS or JAX_FORCE_TPU_INIT set, nothing
+  changes. The plan loads libtpu as a compiler only, with the environment its slice needs
+  (vggjax.aot.target.libtpu_environment). Returns whether it set JAX_PLATFORMS."""
+  import glob
+  import importlib.util
+  if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
+    return False
+  if importlib.util.find_spec('libtpu') is None or glob.glob('/dev/accel*'):
+    return False
+  def installed(name: str) -> bool:
+    try:
+      return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package that is not there
+      return False
+  if any(installed(f'jax_plugins.{m}') or installed(m) for m in GPU_PLUGINS):
+    return False
+  if google_pci_devices():
+    return False
+  os.environ['JAX_PLATFORMS'] = 'cpu'  # before JAX is imported: it reads JAX_PLATFORMS then
+  return True
 
 
 def version() -> str:
@@ -390,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   sys.argv = [f'vggjax {command}', *argv[2:]]
+  if not any(a in HELP_FLAGS for a in argv[2:]):
+    cpu_only_without_a_tpu()
   if any(a in HELP_FLAGS for a in argv[2:]):
     sys.stdout.write(command_help(command))
     sys.exit(0)
