@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.trainable = ''             # layer-name patterns to train ('fc*', 'fc8', 'conv5_*,fc*'); '' = all
   c.train.accumulate_steps = 1       # micro-batches per global batch (one update each): the paper's 256 on a
                                      # small device, the same loss and gradients up to rounding
+  # Recipe knobs beyond the paper (README, "Recipe knobs"); each default is the paper's behaviour.
+  c.train.ema_decay = 0.0            # EMA of the parameters (0: none; 0.9999 as timm): evaluated beside them
+  c.train.label_smoothing = 0.0      # optax.smooth_labels on the classifier's targets (0: none; 0.1 common)
+  c.train.profile_steps = 0          # a jax.profiler trace of this many steps (after the first) in
+                                     # WORKDIR/profile, for TensorBoard's profile tab (0: none)
 
   # --- optimizer (vggjax.optim) ---
   c.optimizer = ml_collections.ConfigDict()
@@ -82,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 5e-4    # coupled L2 (added to the gradient), as Caffe
   c.optimizer.decay_biases = False   # biases and norm parameters are not decayed by default
+  c.optimizer.clip_norm = 0.0        # clip the gradients' global norm to this (0: no clipping, the paper's)
   c.optimizer.schedule = 'plateau'   # plateau (the paper's), step, cosine, constant
   c.optimizer.warmup_epochs = 0.0    # linear warm-up (modern use)
   c.optimizer.plateau_factor = 0.1   # lr divided by 10 ...

@@ -27,7 +27,9 @@ TINY = ['--config.model.width=0.125', '--config.model.fc_features=32', '--config
 # 2-process run that loaded its executables from the cache written by an earlier 2-process run failed at its
 # first collective (Gloo's 30 s join timeout) three times out of three here, and ran without the cache.
 def cli_env(tmp_cache: str | None, num_devices: int = 8, **extra) -> dict:
-  env = subprocess_env(num_devices, **extra)
+  """A CLI subprocess's environment: with its own persistent compilation cache `tmp_cache`, or with none
+  (None: a multi-process run's process, or a run that must compile)."""
+  env = subprocess_env(num_devices, cache=False, **extra)
   if tmp_cache:  # the persistent compilation cache makes restarts cheap (cached executables are identical)
     env.update(JAX_COMPILATION_CACHE_DIR=tmp_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -151,3 +153,34 @@ def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
   if proc.poll() is None:
     proc.send_signal(sig)
   proc.wait(timeout=120)
+
+
+def wait_all(procs: list, timeout: float = 600) -> list[int]:
+  """Exit codes of the processes of one multi-process run, waiting at most `timeout` seconds for all of
+  them together. A run that outlives it is a hang: every process still running is asked for its threads'
+  Python stacks (SIGUSR1: vggjax.parallel.dump_stacks_on_signal, into its log), then all are killed, and the
+  error names each hung process, its pid, and the end of its log with the stacks. Nothing outlives the test."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      try:
+        p.wait(timeout=max(0.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        break
+    hung = [(i, p) for i, p in enumerate(procs) if p.poll() is None]
+    if hung:
+      for _, p in hung:
+        p.send_signal(signal.SIGUSR1)
+      time.sleep(3)  # faulthandler writes the stacks at once; the log is a file, not a pipe
+      report = []
+      for i, p in hung:
+        text = output(p) if hasattr(p, 'log') else ''
+        report.append(f'--- process {i} (pid {p.pid}) still running after {timeout:.0f} s; end of its log:\n'
+                      f'{text[-6000:]}')
+      raise AssertionError('a multi-process run hung:\n' + '\n'.join(report))
+    return [p.returncode for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()

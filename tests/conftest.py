@@ -1,15 +1,34 @@
-"""Test set-up: 8 virtual CPU devices before any JAX operation, quiet TensorFlow, absl flags parsed."""
+"""Test set-up: 8 virtual CPU devices before any JAX operation, quiet TensorFlow, absl flags parsed, and one
+persistent compilation cache for the whole session (every pytest-xdist worker and every single-process
+subprocess of the session share it: the suite compiles the same tiny nets' steps in many tests)."""
 
 import os
+import tempfile
 
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
+# SESSION_CACHE: the session's persistent compilation cache. The first process to load this file (pytest, or
+# pytest-xdist's controller before it starts its workers, which inherit the variable) creates a fresh
+# directory, so every session starts cold (a CI run measures what a clean machine does) and its tests share
+# what they compiled. A cached executable is the one the compiler produced for the same program, flags and
+# devices (XLA_FLAGS are part of the key), so results are unchanged. Multi-process runs never use it
+# (cli_util.MULTIPROCESS_CACHE). VGGJAX_TEST_JAX_CACHE=DIR keeps one across sessions (a warm local loop).
+_CREATED_CACHE = 'VGGJAX_TEST_JAX_CACHE' not in os.environ
+if _CREATED_CACHE:
+  os.environ['VGGJAX_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='vggjax-test-jax-cache-')
+SESSION_CACHE = os.environ['VGGJAX_TEST_JAX_CACHE']
+CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': SESSION_CACHE, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.2',
+             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_platforms', 'cpu')
+jax.config.update('jax_compilation_cache_dir', SESSION_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
@@ -52,9 +71,18 @@ def reference_tool(name: str) -> str:
   return path
 
 
-def subprocess_env(num_devices: int = 8, **extra) -> dict:
-  """Environment for running the real CLI in a subprocess on `num_devices` CPU devices."""
-  env = dict(os.environ)
+def pytest_unconfigure(config):
+  """The session's compilation cache goes with the session that made it (xdist's workers leave it)."""
+  if _CREATED_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+def subprocess_env(num_devices: int = 8, cache: bool = True, **extra) -> dict:
+  """Environment for running the real CLI in a subprocess on `num_devices` CPU devices; with the session's
+  compilation cache unless ``cache=False`` (a process of a multi-process run: cli_util.MULTIPROCESS_CACHE)."""
+  env = {k: v for k, v in os.environ.items() if k not in CACHE_ENV}
+  if cache:
+    env.update(CACHE_ENV)
   env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
   env['VGGJAX_NUM_CPU_DEVICES'] = str(num_devices)
   env['JAX_PLATFORMS'] = 'cpu'
@@ -96,3 +124,18 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   a = np.asarray(im)
   top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
   return a[top:top + size, left:left + size]
+
+
+# pytest-xdist (README's test command: -n 2 --dist loadgroup). A module whose tests share module-scoped
+# fixtures (a trained run, a SLURM cluster, a storage emulator) or start servers runs on one worker, as one
+# group, so its fixtures are built once; the modules below hold independent tests (each builds what it
+# needs), which are spread over the workers one by one: they are the suite's longest.
+SPREAD = frozenset({'test_recipe', 'test_localize', 'test_paper_chain', 'test_train_step', 'test_cli',
+                    'test_models', 'test_notebook', 'test_structure', 'test_data_transforms', 'test_boxes'})
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    module = item.module.__name__.rpartition('.')[2] if item.module else ''
+    if module not in SPREAD and not item.get_closest_marker('xdist_group'):
+      item.add_marker(pytest.mark.xdist_group(module))

@@ -142,7 +142,7 @@ def test_global_batch_is_identical_for_any_process_count(process_count):
 
 def test_shards_are_disjoint_and_cover_each_epoch():
   n, gb, procs = 1497, 96, 3
-  fns = [pipeline._TrainBatchFn(sources.digits_source('train'), seed=4, image_size=16, scale_min=16,
+  fns = [pipeline.TrainBatchFn(sources.digits_source('train'), seed=4, image_size=16, scale_min=16,
                                 scale_max=16, random_flip=False, dct_scaling=True, global_batch_size=gb,
                                 process_index=p, process_count=procs, max_consecutive_bad=1)
          for p in range(procs)]

@@ -124,7 +124,7 @@ def test_two_processes_equal_one_process(tmp_path, cache, reference):
           f'--process_id={i}', env=cli_util.cli_env(None, num_devices=2),  # cli_util.MULTIPROCESS_CACHE
           log=tmp_path / f'log{i}.{attempt}.txt')
           for i in range(2)]
-      codes = [p.wait(timeout=600) for p in procs]
+      codes = cli_util.wait_all(procs, timeout=600)
       logs = [cli_util.output(p) for p in procs]
       if codes == [0, 0] or not any(cli_util.joining_failed(x) for x in logs):
         break

@@ -435,10 +435,13 @@ def test_cli_fusion_multiscale_and_two_processes(tmp_path):
     cmd = [sys.executable, '-m', 'vggjax.evaluate', f'--workdir={tmp_path / "two"}', *common,
            f'--checkpoint={a}', '--protocols=dense,single', '--scales=36',
            f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
-    procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], '\n'.join(x[-3000:] for x in logs)
+    with open(tmp_path / f'two.{i}.log', 'wb') as log:
+      procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS, cache=False), stdout=log,
+                                    stderr=subprocess.STDOUT))
+    procs[-1].log = str(tmp_path / f'two.{i}.log')
+  codes = cli_util.wait_all(procs, timeout=600)
+  logs = [cli_util.output(p) for p in procs]
+  assert codes == [0, 0], '\n'.join(x[-3000:] for x in logs)
   two = json.loads((tmp_path / 'two' / 'eval.json').read_text())
   assert two['processes'] == 2 and two['devices'] == 2 * cli_util.DEVICES_PER_PROCESS
   assert two['num_images'] == 20
@@ -494,9 +497,10 @@ def test_two_processes_evaluate_every_image_once_with_the_posteriors_of_one(tmp_
     for i in range(2):
       with open(logs[i], 'wb') as log:
         cmd = [sys.executable, __file__, str(port), str(i), a, str(tmp_path / f'p{i}.npz')]
-        procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS), stdout=log,
+        procs.append(subprocess.Popen(cmd, env=subprocess_env(cli_util.DEVICES_PER_PROCESS, cache=False), stdout=log,
                                       stderr=subprocess.STDOUT))
-    codes = [p.wait(timeout=600) for p in procs]
+      procs[-1].log = str(logs[i])
+    codes = cli_util.wait_all(procs, timeout=600)
     text = [x.read_text(errors='replace') for x in logs]
     if codes == [0, 0] or not any(cli_util.joining_failed(x) for x in text):
       break

@@ -127,8 +127,8 @@ def _two_processes(workdir, *extra, signal_on: str | None = None) -> tuple[list[
       t0 = time.time()
       for p in procs:
         p.send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=600) for p in procs]
-  finally:  # a hung or failed run must not outlive its test
+    codes = cli_util.wait_all(procs, timeout=600)
+  finally:  # a failed run must not outlive its test (a hung one: cli_util.wait_all)
     for p in procs:
       if p.poll() is None:
         p.kill()

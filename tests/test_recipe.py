@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from vggjax import checkpoints, config_lib, models, optim, parallel, train
+from vggjax import checkpoints, config_lib, models, optim, parallel, preprocessing, train
 
 SMALL = dict(width=1 / 8, fc_features=32, num_classes=10, image_size=32, init='glorot')
 
@@ -195,7 +195,7 @@ def test_accumulation_with_batch_norm_uses_micro_batch_statistics():
   state, metrics = step(state, parallel.global_batch(batch, mesh), np.float32(0.05))
   # The same running statistics from four train-mode forward passes over examples j, j+4, j+8, ...
   variables = {'params': start.params, 'batch_stats': start.batch_stats}
-  x = train.normalize(jnp.asarray(batch['image'], jnp.float32), train.Normalization())
+  x = preprocessing.normalize(jnp.asarray(batch['image'], jnp.float32), preprocessing.Normalization())
   apply = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
                                            mutable=['batch_stats'])[1])
   for j in range(4):

@@ -30,7 +30,12 @@ PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'num_cpu_
 OPTIONAL = frozenset({
     'torch', 'torchvision', 'safetensors', 'h5py', 'keras', 'tensorflow', 'tensorboardX', 'matplotlib',
     'libtpu', 'cv2', 'jax2onnx', 'onnx', 'onnxruntime', 'wandb', 'mlflow', 'gcsfs', 'google', 'IPython',
-    'array_record', 'requests'})
+    'array_record', 'requests',
+    # Absent where vggjax runs on a bare JAX install (a GPU machine without TF, TFDS or Grain):
+    'grain',  # checkpoints.TrainCheckpointer only (the data iterator's state): loading weights needs none
+    'tensorflow_datasets',  # data.sources' data.source=tfds only
+    'sklearn',  # data.sources' built-in digits demo only
+})
 OPTIONAL_IN = {'vggjax.cli': frozenset({'jax'}), 'vggjax.rundir': frozenset({'etils'})}
 
 

@@ -149,7 +149,7 @@ def _max_batch_main(f: dict, base: Options, emit) -> None:
 
 
 def main(argv, flag_holders) -> None:
-  f = cli.start_command(argv, flag_holders)
+  f = cli.start_command(argv, flag_holders, join=parallel.join_processes)
   try:
     models.canonical_name(f['model'])
   except ValueError as e:

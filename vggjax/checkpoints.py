@@ -67,6 +67,7 @@ def meta_from_config(config: Mapping) -> dict:
       'source': 'vggjax training run',
       'labels': config.get('labels'),
       'data': {'scale_min': d.scale_min, 'scale_max': d.scale_max},
+      'train': {'ema_decay': settings.TrainSettings.from_config(config.get('train', {})).ema_decay},
   }
 
 
@@ -122,24 +123,39 @@ def load_meta(path: str | os.PathLike) -> dict:
   return meta
 
 
-def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('params', 'batch_stats')
-                 ) -> tuple[dict, dict]:
+WEIGHTS = ('trained', 'ema')
+
+
+def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('params', 'batch_stats'),
+                 weights: str = 'trained') -> tuple[dict, dict]:
   """(variables, meta) from a weights directory, a training workdir (its latest checkpoint) or a checkpoint
   step directory. Only the model's variables are read (a partial restore: no optimizer state).
+  ``weights='ema'``: a training run's EMA parameters (train.ema_decay) in place of the trained ones.
   Arrays come back as host numpy arrays; place them with jax.device_put."""
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r}; valid: {", ".join(WEIGHTS)}')
   kind, directory, step = _resolve(path)
   meta = load_meta(path)
   model = model_from_meta(meta)
   shapes = models.variable_shapes(model)
   want = {c: shapes[c] for c in collections if c in shapes}
+  if weights == 'ema':
+    if kind != 'run' or not ((meta.get('train') or {}).get('ema_decay')):
+      raise ValueError(f'{path} has no EMA weights: train a run with train.ema_decay > 0 (or read '
+                       f'weights=trained)')
+    want['ema_params'] = want.pop('params')
   as_numpy = lambda t: jax.tree_util.tree_map(  # noqa: E731
       lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), t)
   source = (directory / 'variables' if kind == 'weights' else
             directory / CHECKPOINT_DIR / str(step) / STATE_ITEM)
   restored = ocp.PyTreeCheckpointer().restore(source, args=ocp.args.PyTreeRestore(
       item=want, restore_args=as_numpy(want), partial_restore=True))
+  restored = dict(restored)
+  if weights == 'ema':
+    restored['params'] = restored.pop('ema_params')
+    meta['weights'] = 'ema'
   logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
-  return dict(restored), meta
+  return restored, meta
 
 
 class _IteratorState:
@@ -166,8 +182,7 @@ class TrainCheckpointer:
   """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    import grain.checkpoint
-    import orbax.checkpoint as ocp
+    import grain.checkpoint  # training only: loading weights (predict, features, convert) needs no Grain
     self._ocp, self._grain = ocp, grain.checkpoint
     directory = absolute(workdir) / CHECKPOINT_DIR
     self.manager = ocp.CheckpointManager(

@@ -5,9 +5,19 @@ heavy: it runs before JAX is touched."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
+import importlib
+import importlib.util
+import logging as std_logging
 import os
 import pathlib
+import re
 import sys
+
+from absl import app, flags, logging
+
+from vggjax import __version__
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The shipped configs: the repository's top-level configs/ in a checkout (vggjax/configs links to it), a
@@ -30,6 +40,10 @@ class CommandError(ValueError):
 
 class ConfigNotFound(CommandError):
   """A --config names no file in the working directory and no installed config."""
+
+
+class UnreadableInput(ValueError):
+  """An input file that does not decode (transforms.DecodeError, an image): exit status EXIT_UNREADABLE."""
 
 
 def installed_configs() -> list[str]:
@@ -93,7 +107,6 @@ class QuietLibraries:
   unless --verbosity >= 1."""
 
   def filter(self, record) -> bool:
-    from absl import logging
     if record.levelno >= 30 or logging.get_verbosity() >= 1:
       return True
     path = record.pathname.replace('\\', '/')
@@ -102,8 +115,6 @@ class QuietLibraries:
 
 def quiet_libraries() -> None:
   """Adds the filter to absl's handler and to the root logger's (a notebook's logging set-up)."""
-  import logging as std_logging
-  from absl import logging
   for handler in [logging.get_absl_handler(), *std_logging.getLogger().handlers]:
     if not any(isinstance(f, QuietLibraries) for f in handler.filters):
       handler.addFilter(QuietLibraries())
@@ -144,7 +155,6 @@ def last_sentence(text: str) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flags_parser for every command: an unknown flag, a bad value or a missing required flag is one
   line (absl's own prints two and exits 1)."""
-  from absl import flags
   with flag_errors():
     return flags.FLAGS(argv)
 
@@ -153,7 +163,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def flag_errors():
   """Defining and parsing flags: a bad one (ml_collections checks --config.FIELD overrides already when
   the config flag is defined) is `fail`'s one line."""
-  from absl import flags
   try:
     yield
   except flags.Error as e:
@@ -167,7 +176,6 @@ def flag_errors():
 
 def verbose() -> bool:
   """--verbosity >= 1: errors a user caused come with their traceback."""
-  from absl import logging
   return logging.get_verbosity() >= 1
 
 
@@ -175,14 +183,11 @@ def one_line_errors(main):
   """`main` with the errors a user causes turned into `fail`'s one line: bad input (absl's UsageError,
   CommandError and so config_lib.ConfigError) exit 2; a missing file, folder, run or dataset
   (FileNotFoundError, NotADirectoryError, IsADirectoryError) EXIT_NO_INPUT; an unreadable image
-  (transforms.DecodeError) EXIT_UNREADABLE. The messages are written for a person already; with --verbosity=1
+  (UnreadableInput and so transforms.DecodeError) EXIT_UNREADABLE. The messages are written for a person already; with --verbosity=1
   the missing-input errors keep their traceback."""
-  import functools
-  from absl import app
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
-    from vggjax.data.transforms import DecodeError
     try:
       return main(*args, **kwargs)
     except (app.UsageError, CommandError) as e:
@@ -191,25 +196,25 @@ def one_line_errors(main):
       if verbose():
         raise
       fail(missing_message(e), EXIT_NO_INPUT)
-    except DecodeError as e:
+    except UnreadableInput as e:
       if verbose():
         raise
       fail(e, EXIT_UNREADABLE)
   return wrapped
 
 
-def readable_images(files: list[str]) -> tuple[list[str], list[str]]:
-  """The image files whose header decodes, and one line per file that does not (`PATH: not a readable
-  image: ...`), each also written to stderr: predict and features go on with the rest and exit with
-  EXIT_UNREADABLE (`skipped_images`)."""
-  from vggjax.data import transforms
+def readable_images(files: list[str], read_header) -> tuple[list[str], list[str]]:
+  """The image files whose header decodes (`read_header(encoded_bytes)` raises UnreadableInput where it does
+  not: transforms.dimensions), and one line per file that does not (`PATH: not a readable image: ...`), each
+  also written to stderr: predict and features go on with the rest and exit with EXIT_UNREADABLE
+  (`skipped_images`)."""
   ok, skipped = [], []
   for f in files:
     try:
       with open(f, 'rb') as fh:
-        transforms.dimensions(fh.read())
+        read_header(fh.read())
       ok.append(f)
-    except (transforms.DecodeError, OSError) as e:
+    except (UnreadableInput, OSError) as e:
       skipped.append(f'{f}: {e.strerror if isinstance(e, OSError) and e.strerror else e}')
   if skipped and not ok:
     fail(f'no readable image among {len(files)} file(s) ({skipped[0]}{", ..." if len(skipped) > 1 else ""})',
@@ -241,8 +246,6 @@ def run_command(define_flags, main, *, argv: list[str] | None = None) -> None:
   """The entry point of every command: --config resolved (a path or an installed name) and config roots
   on sys.path, the flags `define_flags()` returns as {name: holder} parsed (one line and exit 2 for a bad
   one), then `main(argv, flag_holders=holders)`, whose bad input is one line and exit 2 as well."""
-  import functools
-  from absl import app
   argv = sys.argv if argv is None else argv
   add_config_roots(argv)
   with flag_errors():
@@ -250,27 +253,31 @@ def run_command(define_flags, main, *, argv: list[str] | None = None) -> None:
   app.run(functools.partial(one_line_errors(main), flag_holders=holders), argv=argv, flags_parser=parse_flags)
 
 
+def define_cpu_flag() -> dict:
+  """--num_cpu_devices, of a command that runs on one process (`start_command` acts on it)."""
+  return {'num_cpu_devices': flags.DEFINE_integer(
+      'num_cpu_devices', 0, 'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).')}
+
+
 def define_process_flags() -> dict:
   """The flags of a command that runs on every process of a multi-process job (and on virtual CPU devices);
   `start_command` acts on them."""
-  from absl import flags
   return {
       'coordinator_address': flags.DEFINE_string('coordinator_address', '',
                                                  'HOST:PORT of process 0 (multi-process runs).'),
       'num_processes': flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process runs).'),
       'process_id': flags.DEFINE_integer('process_id', -1, 'This process\'s index (multi-process runs).'),
-      'num_cpu_devices': flags.DEFINE_integer(
-          'num_cpu_devices', 0, 'Virtual CPU devices for CPU runs (0: VGGJAX_NUM_CPU_DEVICES or 1).'),
+      **define_cpu_flag(),
   }
 
 
-def start_command(argv, flag_holders, *, max_args: int = 0, check=None) -> dict:
+def start_command(argv, flag_holders, *, max_args: int = 0, check=None, join=None) -> dict:
   """What a command's main does first: refuse stray arguments (more than `max_args` positional ones), quiet
   the libraries, set up virtual CPU devices (its --num_cpu_devices flag), run `check(values)` (the config's
-  validation: before anything waits for other processes or compiles) and, where the command has the process
-  flags (define_process_flags), join the other processes (or a detected cluster's) and keep all but process
-  0 to warnings. Returns the flags' values by name."""
-  from absl import app
+  validation: before anything waits for other processes or compiles) and then `join(values)` where given:
+  a command with the process flags (define_process_flags) passes parallel.join_processes, which joins the
+  other processes (or a detected cluster's) and keeps all but process 0 to warnings (passed in: this module
+  imports nothing of JAX). Returns the flags' values by name."""
   if len(argv) > 1 + max_args:
     raise app.UsageError(f'unexpected arguments: {argv[1 + max_args:]}')
   quiet_libraries()
@@ -278,16 +285,8 @@ def start_command(argv, flag_holders, *, max_args: int = 0, check=None) -> dict:
   set_cpu_devices(values.get('num_cpu_devices', 0))
   if check is not None:
     check(values)
-  if 'coordinator_address' in values:
-    from absl import logging
-    from vggjax import parallel
-    try:
-      parallel.initialize(values['coordinator_address'], values['num_processes'], values['process_id'])
-    except ValueError as e:
-      raise CommandError(str(e)) from None
-    import jax
-    if jax.process_index() != 0:
-      logging.set_verbosity(logging.WARNING)
+  if join is not None:
+    join(values)
   return values
 
 
@@ -330,7 +329,6 @@ GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm6_plugin', 'ja
 def google_pci_devices() -> int:
   """PCI devices of Google's vendor id (0x1ae0): the TPU chips of a TPU VM, as JAX's own test counts them
   (jax._src.hardware_utils), without importing JAX."""
-  import glob
   n = 0
   for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
     try:
@@ -348,8 +346,6 @@ def cpu_only_without_a_tpu() -> bool:
   on the PCI bus, /dev/accel*), with a GPU plugin, or with JAX_PLATFORMS or JAX_FORCE_TPU_INIT set, nothing
   changes. The plan loads libtpu as a compiler only, with the environment its slice needs
   (vggjax.aot.target.libtpu_environment). Returns whether it set JAX_PLATFORMS."""
-  import glob
-  import importlib.util
   if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
     return False
   if importlib.util.find_spec('libtpu') is None or glob.glob('/dev/accel*'):
@@ -368,7 +364,6 @@ def cpu_only_without_a_tpu() -> bool:
 
 
 def version() -> str:
-  from vggjax import __version__
   return __version__
 
 
@@ -384,7 +379,6 @@ def describe(doc: str, module: str, command: str) -> str:
 def relative_paths(text: str) -> str:
   """Help text without this installation's paths: a shipped config file as its --config name (`demo`),
   the repository's files relative to it."""
-  import re
   for directory in {str(CONFIG_DIR), str(CONFIG_DIR.resolve())}:
     text = re.sub(re.escape(directory + os.sep) + r'(\w+)\.py', r'\1', text)
   return text.replace(str(REPO) + os.sep, '')
@@ -392,8 +386,6 @@ def relative_paths(text: str) -> str:
 
 def command_help(command: str) -> str:
   """`vggjax COMMAND --help`: the command's description and its own flags (not absl's logging flags)."""
-  import importlib
-  from absl import flags
   name = COMMANDS[command][0]
   module = importlib.import_module(name)
   with flag_errors():
@@ -416,7 +408,6 @@ ARGUMENTS = {'predict': 'IMAGE_OR_FOLDER...', 'features': 'IMAGE_OR_FOLDER...', 
 
 def main(argv: list[str] | None = None) -> None:
   """`vggjax train --workdir=DIR` is `python -m vggjax.main --workdir=DIR`, and so on for every command."""
-  import importlib
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     sys.stdout.write(usage())
@@ -441,6 +432,5 @@ def main(argv: list[str] | None = None) -> None:
   if hasattr(module, 'run'):
     module.run()  # run_command: one skeleton
   else:
-    from absl import app
     module._define_flags()
     app.run(one_line_errors(module.main), flags_parser=parse_flags)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 from etils import epath
 
 from vggjax import cli, localization_model, models, optim, rundir, settings
@@ -72,6 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t[field] > 0, f'train.{field}', t[field], 'a positive integer')
   _check(t.eval_every_steps >= 0, 'train.eval_every_steps', t.eval_every_steps, '0 (each epoch) or positive')
   _choice(config, 'train.nan_policy', NAN_POLICIES)
+  _validate_knobs(config)
   _choice(config, 'optimizer.schedule', optim.SCHEDULES)
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'a positive learning rate')
   _check(0 <= o.momentum < 1, 'optimizer.momentum', o.momentum, 'in [0, 1)')
@@ -87,7 +89,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_pca(d: ml_collections.ConfigDict) -> None:
   """data.pca_eigval (3 non-negative values) and data.pca_eigvec (3 rows of 3: eigenvectors as columns)."""
-  import numpy as np
   defaults = settings.default_config().data
   val, vec = d.get('pca_eigval', defaults.pca_eigval), d.get('pca_eigvec', defaults.pca_eigvec)
   ok = len(val) == 3
@@ -127,6 +128,16 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
          f'a positive divisor of train.global_batch_size ({t.global_batch_size}): equal micro-batches')
 
 
+def _validate_knobs(config: ml_collections.ConfigDict) -> None:
+  """The recipe knobs beyond the paper (optional fields; configs/default.py's values switch them off)."""
+  t = settings.TrainSettings.from_config(config.train)
+  _check(0 <= t.ema_decay < 1, 'train.ema_decay', t.ema_decay, '0 (no EMA) or a decay in (0, 1), e.g. 0.9999')
+  _check(0 <= t.label_smoothing < 1, 'train.label_smoothing', t.label_smoothing, 'in [0, 1), e.g. 0.1')
+  _check(t.profile_steps >= 0, 'train.profile_steps', t.profile_steps, '0 (no trace) or a step count')
+  clip = config.optimizer.get('clip_norm', settings.default_config().optimizer.clip_norm)
+  _check(clip >= 0, 'optimizer.clip_norm', clip, '0 (no clipping) or a positive global norm')
+
+
 def check_init_required(config: ml_collections.ConfigDict) -> None:
   """A config that continues another run (the :384 and :jitter steps of the paper's chain set init_required)
   needs init_from. Checked when training starts (planning and evaluating with such a config need none)."""
@@ -138,11 +149,10 @@ def check_init_required(config: ml_collections.ConfigDict) -> None:
 
 def _validate_head(config: ml_collections.ConfigDict) -> None:
   """model.head (optional, default 'classify'): a box head (scr, pcr: paper Appendix A) trains on boxes."""
-  from vggjax.data import boxes_source
   head = config.model.get('head', settings.default_config().model.head)
   _check(head in localization_model.HEADS, 'model.head', head, 'one of ' + ', '.join(localization_model.HEADS))
   if head != 'classify':
-    _check(boxes_source.has_boxes(config.data), 'data.boxes_file', config.data.get('boxes_file'),
+    _check(settings.data_settings(config.data).has_boxes, 'data.boxes_file', config.data.get('boxes_file'),
            f'a boxes file (data.source=folder) or data.bbox_key (source=tfds): model.head={head} regresses '
            f'boxes')
 

@@ -26,6 +26,9 @@ import pathlib
 import sys
 from typing import Any
 
+from absl import app, flags
+from absl import logging as absl_logging
+
 from vggjax import checkpoints, labels as labels_lib, models, weights
 from vggjax.preprocessing import Normalization
 
@@ -95,7 +98,6 @@ def convert(source: str, src: str | os.PathLike, out: str | os.PathLike, model: 
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_enum('from', None, list(SOURCES),
                     'Framework the weights come from (default: from the file name: .pth/.pt/.bin/'
                     '.safetensors -> torchvision, .h5/.keras -> keras).')
@@ -112,8 +114,6 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging as absl_logging
   if not flags.FLAGS['verbosity'].present:  # library INFO logs (Orbax) only when asked for
     absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
@@ -136,6 +136,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app
   _define_flags()
   app.run(main)

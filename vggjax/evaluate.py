@@ -13,6 +13,7 @@ the paper's Tables 3-5 on stdout. The library's names are importable from here t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,8 +26,13 @@ if __name__ == '__main__':
   cli.add_config_roots(sys.argv)
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from vggjax import checkpoints, parallel  # noqa: E402
+from vggjax.data import pipeline  # noqa: E402
+from vggjax.settings import DataSettings  # noqa: E402
 from vggjax.evaluation import *  # noqa: E402,F401,F403 - the library's names, as before the split
 from vggjax.evaluation import (ASPECT_BUCKETS, DEFAULT_PER_DEVICE_BATCH, PROTOCOLS,  # noqa: E402
                                ProtocolEvaluator, ProtocolSettings, format_table, load_model, write_results)
@@ -34,8 +40,6 @@ from vggjax.evaluation.engine import EvalResult, evaluate  # noqa: E402,F401
 
 
 def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
   f = {}
   f['config'] = config_flags.DEFINE_config_file(
       'config', None, 'The config of the data to evaluate on (configs/*.py[:arg]); default: the workdir\'s '
@@ -62,17 +66,15 @@ def _define_flags():
                                           'Aspect ratios of the dense buckets (fewer: fewer compiled shapes, '
                                           'more padding).')
   f['dtype'] = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: float32).')
-  f['coordinator_address'] = flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0.')
-  f['num_processes'] = flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process runs).')
-  f['process_id'] = flags.DEFINE_integer('process_id', -1, 'This process\'s index (multi-process runs).')
-  f['num_cpu_devices'] = flags.DEFINE_integer('num_cpu_devices', 0, 'Virtual CPU devices for CPU runs '
-                                              '(0: VGGJAX_NUM_CPU_DEVICES or 1).')
+  f['weights'] = flags.DEFINE_enum('weights', 'trained', list(checkpoints.WEIGHTS),
+                                   'Which parameters of a training run: trained (the default: the latest '
+                                   'checkpoint\'s), or ema (their moving average, train.ema_decay > 0).')
+  f.update(cli.define_process_flags())
   flags.mark_flags_as_required(['workdir'])
   return f
 
 
 def _load_config(config, workdir: str):
-  import ml_collections
   if config is not None:
     return config
   path = checkpoints.absolute(workdir) / 'config.json'  # local or gs://
@@ -83,12 +85,7 @@ def _load_config(config, workdir: str):
 
 
 def main(argv, flag_holders) -> None:
-  from absl import app
-  from absl import logging as absl_logging
-  f = cli.start_command(argv, flag_holders)
-  parallel.initialize(f['coordinator_address'], f['num_processes'], f['process_id'])
-  if jax.process_index() != 0:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  f = cli.start_command(argv, flag_holders, join=parallel.join_processes)
   workdir = f['workdir']
   config = _load_config(f['config'], workdir)
   data_cfg = config.data
@@ -106,13 +103,14 @@ def main(argv, flag_holders) -> None:
   fallback = (int(data_cfg.scale_min), int(data_cfg.scale_max))
   eval_models = [load_model(p, scales=scales, multiscale=f['multiscale'], fallback_train_scale=fallback,
                             dtype=f['dtype']) for p in paths]
-  from vggjax.data import pipeline
+  if f['weights'] != 'trained':  # the same nets with their EMA parameters
+    eval_models = [dataclasses.replace(m, variables=checkpoints.load_weights(p, weights=f['weights'])[0])
+                   for m, p in zip(eval_models, paths)]
   source = pipeline.open_source(data_cfg, data_cfg.eval_split)
-  absl_logging.info('evaluating %s on %s (%d images): protocols %s, scales %s; %d devices over %d processes',
+  logging.info('evaluating %s on %s (%d images): protocols %s, scales %s; %d devices over %d processes',
                     ', '.join(f'{m.label} ({m.checkpoint})' for m in eval_models), data_cfg.eval_split,
                     len(source), ','.join(f['protocols']), [list(m.scales) for m in eval_models],
                     jax.device_count(), jax.process_count())
-  from vggjax.settings import DataSettings
   data = DataSettings.from_config(data_cfg)  # the run's data block; a field it lacks: configs/default.py's
   protocol_settings = ProtocolSettings(
       protocols=tuple(f['protocols']), batch_size=f['batch_size'], num_threads=f['num_threads'],

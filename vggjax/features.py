@@ -22,9 +22,11 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
-from vggjax import checkpoints
-from vggjax.data.transforms import list_images
+from vggjax import checkpoints, cli
+from vggjax.data.transforms import dimensions, list_images
 from vggjax.descriptors import COMBINE, PAPER_SCALES, Descriptors, check_combine, combine_scales
 
 
@@ -67,7 +69,6 @@ def save(out: str | os.PathLike, features: np.ndarray, files: Sequence[str], **i
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_string('checkpoint', None, 'A weights directory (from vggjax.convert) or a training workdir.')
   flags.DEFINE_string('out', None, 'Output file: .npz (features, files) or .npy (plus OUT.files.txt).')
   flags.DEFINE_list('scales', [str(q) for q in PAPER_SCALES], 'Smaller-side sizes Q (paper: 256,384,512).')
@@ -77,8 +78,6 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging as absl_logging
   f = flags.FLAGS
   if not f['verbosity'].present:  # library INFO logs (Orbax) only when asked for
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -87,8 +86,7 @@ def main(argv):
   files = list_images(argv[1:])
   if not files:
     raise SystemExit(f'no images found in {argv[1:]}')
-  from vggjax import cli
-  files, skipped = cli.readable_images(files)  # an unreadable one is named on stderr; the rest go on
+  files, skipped = cli.readable_images(files, dimensions)  # an unreadable one is named on stderr; the rest go on
   variables, meta = checkpoints.load_weights(f.checkpoint)
   scales = [int(q) for q in f.scales]
   feats = extract(variables, meta, files, scales, f.combine, batch_size=f.batch_size, progress=True)
@@ -98,6 +96,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app
   _define_flags()
   app.run(main)

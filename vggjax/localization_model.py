@@ -123,15 +123,23 @@ def box_head(meta: Mapping, path: str = '') -> str:
 
 
 class Classify:
-  """Class scores: cross-entropy; a hit is a top-1 correct; evaluation counts top-1 and top-5 hits."""
+  """Class scores: cross-entropy (against labels smoothed by ``label_smoothing``, train.label_smoothing: the
+  one-hot target mixed with the uniform, optax.smooth_labels; 0, the paper's, uses the integer labels as
+  they are); a hit is a top-1 correct; evaluation counts top-1 and top-5 hits and the unsmoothed loss."""
 
   name = 'classify'
+
+  def __init__(self, label_smoothing: float = 0.0):
+    self.label_smoothing = float(label_smoothing)
 
   def targets(self, batch: Mapping) -> jax.Array:
     return batch['label']
 
   def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+    if not self.label_smoothing:
+      return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+    soft = optax.smooth_labels(jax.nn.one_hot(targets, outputs.shape[-1]), self.label_smoothing)
+    return optax.softmax_cross_entropy(outputs, soft)
 
   def hits(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.argmax(outputs, -1) == targets
@@ -141,7 +149,7 @@ class Classify:
     labels = batch['label']
     hits = jax.lax.top_k(outputs, min(5, outputs.shape[-1]))[1] == labels[:, None]
     return {'top1': jnp.sum(hits[:, 0] * mask), 'top5': jnp.sum(jnp.any(hits, -1) * mask),
-            'loss': jnp.sum(self.loss(outputs, labels) * mask)}
+            'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(outputs, labels) * mask)}
 
 
 class BoxRegression:
@@ -177,7 +185,12 @@ class BoxRegression:
             'loss': jnp.sum(self.loss(outputs, targets) * mask)}
 
 
-def get_head(name: str) -> Classify | BoxRegression:
-  """The objective of config.model.head."""
+def get_head(name: str, label_smoothing: float = 0.0) -> Classify | BoxRegression:
+  """The objective of config.model.head (label smoothing: the classifier's; a box head has none)."""
   check_head(name)
-  return Classify() if name == 'classify' else BoxRegression(name)
+  if name == 'classify':
+    return Classify(label_smoothing)
+  if label_smoothing:
+    raise ValueError(f'train.label_smoothing={label_smoothing} applies to class scores; model.head={name} '
+                     f'regresses boxes (set it to 0)')
+  return BoxRegression(name)

@@ -21,14 +21,17 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from vggjax import cli  # noqa: E402  (light: nothing of JAX yet)
+import jax  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vggjax import checkpoints, cli, config_lib, parallel, rundir, train  # noqa: E402
+from vggjax.data import pipeline  # noqa: E402
 
 EXIT_NON_FINITE = 3  # train.nan_policy=stop ended the run (the last good checkpoint is kept)
 
 
 def _define_flags() -> dict:
-  from absl import flags
-  from ml_collections import config_flags
   f = {'config': config_flags.DEFINE_config_file(
       'config', str(cli.config_file('demo')), 'A config file PATH[:ARG] (relative to the working directory, '
       'else an installed config: configs/vgg16.py:jitter or vgg16:jitter); the built-in demo if not given. '
@@ -44,7 +47,6 @@ def _define_flags() -> dict:
 
 def main(argv, flag_holders) -> None:
   def check(values):  # before anything compiles (a bad field: one line, exit 2)
-    from vggjax import config_lib
     config_lib.validate(values['config'])
     config_lib.check_init_required(values['config'])  # the :384 and :jitter configs continue another run
 
@@ -53,11 +55,8 @@ def main(argv, flag_holders) -> None:
     cli.start_command(argv, local, check=check)
     dry_run(flag_holders['config'].value, flag_holders['workdir'].value)
     return
-  f = cli.start_command(argv, flag_holders, check=check)  # then joins the other processes
+  f = cli.start_command(argv, flag_holders, check=check, join=parallel.join_processes)  # joins the others
   config = f['config']
-  import jax
-  from absl import logging
-  from vggjax import checkpoints, train
   logging.info('JAX %s: process %d of %d, %d local / %d devices (%s)', jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
@@ -79,7 +78,6 @@ def main(argv, flag_holders) -> None:
 def last_evaluation(workdir) -> str:
   """Where a run that evaluated nothing in this process stands (a second run of a finished training): its
   last evaluation in metrics.jsonl, `val top-1 0.9833, top-5 1.0000 (evaluated at step 345)`."""
-  from vggjax import rundir
   rows = [r for r in rundir.read_rows(workdir) if 'val_top1' in r]
   if not rows:
     return 'no evaluation'
@@ -91,8 +89,6 @@ def last_evaluation(workdir) -> str:
 def dry_run(config, workdir) -> None:
   """`--dry_run`: the resolved config (every field, as config.json would record it), the sizes of the
   dataset's splits (opening them: a missing data_dir fails here), the schedule's steps; nothing written."""
-  from vggjax import rundir
-  from vggjax.data import pipeline
   info = pipeline.dataset_info(config.data)
   t = config.train
   steps = rundir.total_steps(t.get('max_steps', 0), t.num_epochs,

@@ -37,9 +37,13 @@ def decay_mask(params: Any, decay_biases: bool = False) -> Any:
 
 def make_optimizer(opt_cfg, trainable: str | Sequence[str] = '') -> optax.GradientTransformation:
   """SGD + momentum with coupled L2; the learning rate is injected (set it in opt_state each step).
+  ``optimizer.clip_norm`` > 0 clips the gradients' global norm first (optax.clip_by_global_norm).
   ``trainable`` (``train.trainable``): layer-name patterns; only those layers are optimised (see freeze)."""
   decay = opt_cfg.weight_decay
   parts = []
+  clip = float(getattr(opt_cfg, 'clip_norm', 0.0) or 0.0)
+  if clip:  # the raw gradients' global norm, before weight decay (as torch's clip_grad_norm_ then SGD)
+    parts.append(optax.clip_by_global_norm(clip))
   if decay:
     parts.append(optax.add_decayed_weights(decay, mask=lambda p: decay_mask(p, opt_cfg.decay_biases)))
   parts.append(optax.inject_hyperparams(optax.sgd)(

@@ -12,13 +12,22 @@ cluster (a Cloud TPU pod slice, SLURM with several tasks, Open MPI); never on a 
 
 from __future__ import annotations
 
+import faulthandler
+import glob
 import logging
 import os
-from typing import Any
+import signal
+import threading
+import urllib.request
+from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vggjax import cli
 
 DATA_AXIS = 'data'
 
@@ -32,8 +41,6 @@ def _env_int(name: str, default: int = 0) -> int:
 
 def _cloud_tpu_vm_workers() -> int:
   """Workers of this Cloud TPU VM slice, from the GCE metadata server (0 elsewhere, without asking it)."""
-  import glob
-  import urllib.request
   if not (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
     return 0
   req = urllib.request.Request('http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
@@ -67,7 +74,29 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   second call (a command's start, then a library function's) returns the first call's result."""
   if not _STARTED:
     _STARTED.append(_initialize(coordinator_address, num_processes, process_id))
+    if _STARTED[0]:
+      dump_stacks_on_signal()
   return _STARTED[0]
+
+
+def join_processes(values: Mapping[str, Any]) -> None:
+  """A command's process flags (cli.define_process_flags) acted on, from cli.start_command(join=...) after
+  its checks: this process joins the others (`initialize`: the flags, or a detected cluster's), and all but
+  process 0 keep to warnings. A bad combination of the flags is the command's one-line error."""
+  try:
+    initialize(values['coordinator_address'], values['num_processes'], values['process_id'])
+  except ValueError as e:
+    raise cli.CommandError(str(e)) from None
+  if jax.process_index() != 0:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def dump_stacks_on_signal(signum: int = signal.SIGUSR1) -> None:
+  """`kill -USR1 PID` makes a process of a multi-process run print every thread's Python stack to stderr and
+  go on: where a hung job's processes wait (a collective, a checkpoint's barrier, the data loader) without
+  stopping it. The tests send it to every process of a run that outlives its time limit before killing them."""
+  if threading.current_thread() is threading.main_thread():
+    faulthandler.register(signum, all_threads=True, chain=False)
 
 
 def _initialize(coordinator_address: str, num_processes: int, process_id: int) -> bool:
@@ -121,7 +150,6 @@ def sum_over_processes(count: int) -> int:
   """The sum of an integer over all processes (each must call it at the same point); itself on one."""
   if jax.process_count() == 1:
     return int(count)
-  from jax.experimental import multihost_utils
   return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 

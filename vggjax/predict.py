@@ -25,9 +25,11 @@ import json
 from typing import Any, Sequence
 
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
-from vggjax import checkpoints, labels as labels_lib
-from vggjax.data.transforms import list_images
+from vggjax import checkpoints, cli, labels as labels_lib
+from vggjax.data.transforms import dimensions, list_images
 from vggjax.evaluation import ImageEvaluator, ImageSettings, posterior_fn
 from vggjax.preprocessing import single_test_scale
 
@@ -112,7 +114,6 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_string('checkpoint', None, 'A weights directory (from vggjax.convert) or a training workdir '
                       '(its latest checkpoint) or WORKDIR/checkpoints/<step>.')
   flags.DEFINE_enum('protocol', 'single', list(PROTOCOLS), 'single: central crop of the image rescaled to Q; '
@@ -128,8 +129,6 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging as absl_logging
   f = flags.FLAGS
   if not f['verbosity'].present:  # library INFO logs (Orbax) only when asked for
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -139,8 +138,7 @@ def main(argv):
   files = list_images(argv[1:])
   if not files:
     raise SystemExit(f'no images found in {argv[1:]}')
-  from vggjax import cli
-  files, skipped = cli.readable_images(files)  # an unreadable one is named on stderr; the rest go on
+  files, skipped = cli.readable_images(files, dimensions)  # an unreadable one is named on stderr; the rest go on
   variables, meta = checkpoints.load_weights(f.checkpoint)
   num_classes = meta['model']['num_classes']
   names = labels_lib.resolve(f.labels or meta.get('labels'), num_classes)
@@ -155,6 +153,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app
   _define_flags()
   app.run(main)

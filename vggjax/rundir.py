@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any, Mapping
 
 CONFIG_FILE = 'config.json'
@@ -32,7 +33,6 @@ def path(p):
   if is_remote(p):
     from etils import epath  # reads gs:// where a backend (gcsfs or TensorFlow) is installed
     return epath.Path(p)
-  import pathlib
   return pathlib.Path(p)
 
 

@@ -12,6 +12,7 @@ import time
 from typing import Any, Iterable
 
 from etils import epath
+from tqdm import tqdm
 
 from vggjax import rundir
 
@@ -154,7 +155,6 @@ def progress_bar(total: int, desc: str = '', *, unit: str = 'it', initial: int =
   """The progress bar of every long job (training, evaluate, predict, features, transfer): a tqdm bar,
   redrawn in place on a terminal (stderr), one display updated in place in a notebook, and a line per
   redraw (at most every few seconds) in a log file. Disabled: a bar that draws nothing."""
-  from tqdm import tqdm
   kw = dict(total=total, initial=initial, unit=unit, bar_format=BAR_FORMAT, ascii='.#', dynamic_ncols=True,
             desc=f'{desc} ' if desc else '')
   if not enabled:

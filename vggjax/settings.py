@@ -9,7 +9,8 @@ that lacks a field (a config.json of an older run, a hand-made partial config) g
     it = pipeline.train_iterator(data, global_batch_size=256, seed=0)
 
 The fields are the dataclasses' own (``DataSettings.field_names()``): nothing else lists them.
-Imports nothing heavy (ml_collections for the defaults).
+The defaults need ml_collections (configs/default.py builds a ConfigDict); without it this module still
+imports, for what reads no default (loading a weights directory: predict, features, convert).
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any, Mapping
+
+from vggjax.preprocessing import single_test_scale
+
+try:
+  from vggjax.configs import default as default_file
+except ModuleNotFoundError as e:  # no ml_collections: reading a default fails (_default_config), not this import
+  if e.name != 'ml_collections':
+    raise
+  default_file = None
 
 
 @functools.cache
@@ -125,7 +135,6 @@ class DataSettings(_Settings):
     jittered: preprocessing.single_test_scale)."""
     if self.eval_scale:
       return self.eval_scale
-    from vggjax.preprocessing import single_test_scale
     return single_test_scale(self.scale_min, self.scale_max)
 
   @property
@@ -153,6 +162,9 @@ class TrainSettings(_Settings):
   plot: bool
   trainable: str
   accumulate_steps: int
+  ema_decay: float
+  label_smoothing: float
+  profile_steps: int
 
 
 def value(config, name: str):
@@ -163,8 +175,10 @@ def value(config, name: str):
 
 @functools.cache
 def _default_config():
-  from vggjax.configs import default
-  return default.get_config()
+  if default_file is None:
+    raise ModuleNotFoundError('the defaults of the config (configs/default.py) need ml_collections: pip install '
+                              'ml-collections', name='ml_collections')
+  return default_file.get_config()
 
 
 def default_config():

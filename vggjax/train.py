@@ -34,7 +34,7 @@ from vggjax.evaluation.evaluators import EvalInterrupted, ValidationEvaluator  #
 from vggjax.preprocessing import Normalization
 from vggjax.train_step import (FAULTS, TrainState, abstract_train_state,  # noqa: F401 - train's names
                                create_train_state, make_eval_step, make_train_step, per_example_hits,
-                               per_example_loss, step_targets)
+                               per_example_loss, reset_ema, step_targets)
 from vggjax.warm_start import (DEEP_NETS, parse_init_layers, warm_start,  # noqa: F401 - train's names
                                warn_deep_from_scratch)
 
@@ -132,7 +132,8 @@ class _Run:
     norm = normalization(config)
     train_step = make_train_step(model, tx, mesh, norm=norm, color_shift=data.color_shift,
                                  remat=m.remat, nan_policy=t.nan_policy, accumulate_steps=t.accumulate_steps,
-                                 eigval=data.pca_eigval, eigvec=data.pca_eigvec, head=m.head)
+                                 eigval=data.pca_eigval, eigvec=data.pca_eigvec, head=m.head,
+                                 label_smoothing=t.label_smoothing, ema_decay=t.ema_decay)
     eval_step = make_eval_step(build_model(config, dropout_rate=0.0), mesh, norm, head=m.head)
     it = pipeline.train_iterator(data, global_batch_size=t.global_batch_size,
                                  seed=int(settings.value(config, 'seed')),
@@ -149,17 +150,19 @@ class _Run:
     then WORKDIR/config.json is written."""
     start = self.ckpt.latest_step()
     if start is not None:
-      state, host = self.ckpt.restore(start, abstract_train_state(self.model, self.tx, self.mesh), self.it)
+      abstract = abstract_train_state(self.model, self.tx, self.mesh, ema=bool(self.t.ema_decay))
+      state, host = self.ckpt.restore(start, abstract, self.it)
       self.schedule.load_state_dict(host.get('schedule', {}))
       self.writer.truncate_after(start)
       log.info('resumed from %s at step %d', self.ckpt.manager.directory, start)
     else:
       start, host = 0, {}
       warn_deep_from_scratch(self.config)
-      state = create_train_state(self.model, self.tx, self.mesh, int(settings.value(self.config, 'seed')))
+      state = create_train_state(self.model, self.tx, self.mesh, int(settings.value(self.config, 'seed')),
+                                 ema=bool(self.t.ema_decay))
       if settings.value(self.config, 'init_from'):
-        state = warm_start(state, self.config.init_from, settings.value(self.config, 'init_layers'),
-                           self.mesh, self.norm, model_name=self.m.name)
+        state = reset_ema(warm_start(state, self.config.init_from, settings.value(self.config, 'init_layers'),
+                                     self.mesh, self.norm, model_name=self.m.name))
     if jax.process_index() == 0:
       info = self.info
       config_lib.write(self.config, self.workdir, {
@@ -175,7 +178,8 @@ class _Run:
 
 class _Validation:
   """Validation during training: the eval step over the eval split, fed to the schedule, kept as history
-  (in the checkpoints' host state) and written as a metrics row."""
+  (in the checkpoints' host state) and written as a metrics row. With train.ema_decay the EMA parameters
+  are evaluated too, beside the trained ones (ema_val_top1, ...; the schedule follows the trained ones)."""
 
   def __init__(self, run: _Run, history: list[dict], stop: preemption.StopRequest):
     self.run, self.history, self.stop = run, history, stop
@@ -186,6 +190,11 @@ class _Validation:
                                      process_index=jax.process_index(), process_count=jax.process_count())
     log.info('step %d: evaluating on %s', step, data.eval_split)
     result = evaluate(r.eval_step, state.variables, batches, r.mesh, stop=self.stop.in_eval)
+    if r.t.ema_decay:
+      batches = pipeline.eval_iterator(data, global_batch_size=r.t.global_batch_size,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+      ema = evaluate(r.eval_step, state.ema_variables, batches, r.mesh, stop=self.stop.in_eval)
+      result.update({f'ema_{k}': v for k, v in ema.items() if k != 'val_count'})
     reduced = r.schedule.on_eval(result['val_top1'])
     row = {'step': step, 'epoch': r.epoch(step), **result, 'lr_reduced': reduced}
     skipped = parallel.sum_over_processes(batches.skipped)
@@ -247,6 +256,34 @@ class _LogWindow:
     self.t_log, self.step_log = now, end
 
 
+class _Profile:
+  """train.profile_steps = n: a jax.profiler trace of steps start+2 .. start+n+1 of this process (the first
+  step compiles) in WORKDIR/profile, which TensorBoard's profile tab reads (a gs:// workdir too: the
+  profiler writes through TensorFlow's file systems)."""
+
+  def __init__(self, run: _Run, start: int):
+    n = run.t.profile_steps
+    self.first, self.last = (start + 1, start + 1 + n) if n else (-1, -1)
+    self.directory, self.on = rundir.join(run.workdir, 'profile'), False
+
+  def before(self, step: int) -> None:
+    if step == self.first and not self.on:
+      jax.profiler.start_trace(self.directory)
+      self.on = True
+
+  def after(self, step: int, state) -> None:
+    if self.on and step >= self.last:
+      jax.block_until_ready(state)
+      self.stop()
+      log.info('profiled steps %d-%d: tensorboard --logdir=%s (the profile tab)', self.first + 1, step,
+               self.directory)
+
+  def stop(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
+
+
 class _Loop:
   """The training loop over a restored run: steps, log rows, validation and checkpoints, until the last step
   or a preemption."""
@@ -260,6 +297,7 @@ class _Loop:
     self.stop.attach(run.ckpt.manager)  # Orbax's own preemption queries would break the sync point ids
     self.validate = _Validation(run, host.get('evals', []), self.stop)
     self.window = _LogWindow(run, self.start, self.skipped_before)
+    self.profile = _Profile(run, start)
 
   def skipped_images(self) -> int:
     """Unreadable training images skipped so far in the run (all processes; the same point on each)."""
@@ -289,8 +327,10 @@ class _Loop:
     while self.step < r.total_steps and not self.preempted:
       batch = parallel.global_batch(next(r.it), r.mesh)
       lr = r.schedule.lr(self.step)
+      self.profile.before(self.step)
       self.state, metrics = r.train_step(self.state, batch, np.float32(lr))
       self.step = step = self.step + 1
+      self.profile.after(step, self.state)
       if step == self.start + 1:  # a marker for whoever waits for the loop (the signal handler is installed)
         log.info('training started at step %d', self.start)
       self.window.flush()
@@ -318,6 +358,7 @@ class _Loop:
         break
 
   def close(self) -> None:
+    self.profile.stop()
     self.run.ckpt.close()
     self.window.bar.close()
     self.stop.restore()

@@ -38,6 +38,8 @@ class TrainState:
   rng: jax.Array  # a raw uint32[2] key: every step's randomness is fold_in(rng, step)
   fault: jax.Array  # 0, or the kind of the first non-finite quantity (FAULTS)
   fault_step: jax.Array  # the step of the first fault, -1 if none
+  # train.ema_decay > 0: the exponential moving average of params, updated after each applied step ({}: none)
+  ema_params: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
@@ -46,26 +48,43 @@ class TrainState:
       v['batch_stats'] = self.batch_stats
     return v
 
+  @property
+  def ema_variables(self) -> dict:
+    """The variables with the EMA parameters (batch statistics: the trained net's)."""
+    return {**self.variables, 'params': self.ema_params}
 
-def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+
+def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array,
+                ema: bool = False) -> TrainState:
   init_key, state_key = jax.random.split(key)
   size = model.image_size
   variables = model.init({'params': init_key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=state_key,
-                    fault=jnp.zeros((), jnp.int32), fault_step=jnp.full((), -1, jnp.int32))
+                    fault=jnp.zeros((), jnp.int32), fault_step=jnp.full((), -1, jnp.int32),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else {})
 
 
-def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh, seed: int) -> TrainState:
-  """Initialises parameters and optimizer state with one jitted call, directly replicated on the mesh."""
-  init = functools.partial(_init_state, model, tx)
+def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh, seed: int,
+                       ema: bool = False) -> TrainState:
+  """Initialises parameters and optimizer state with one jitted call, directly replicated on the mesh
+  (``ema``: with an EMA of the parameters, starting at them)."""
+  init = functools.partial(_init_state, model, tx, ema=ema)
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(seed))
 
 
-def abstract_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh) -> TrainState:
+def reset_ema(state: TrainState) -> TrainState:
+  """The EMA restarted at the current parameters (after a warm start replaced them); no EMA: as it is."""
+  if not state.ema_params:
+    return state
+  return state.replace(ema_params=jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p))(state.params))
+
+
+def abstract_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh,
+                         ema: bool = False) -> TrainState:
   """The train state's shapes, dtypes and shardings, without allocating it (the target of a restore)."""
-  shapes = jax.eval_shape(functools.partial(_init_state, model, tx), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(functools.partial(_init_state, model, tx, ema=ema), jax.random.PRNGKey(0))
   rep = parallel.replicated(mesh)
   return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
@@ -124,8 +143,13 @@ def _micro_batches(grad_fn: Callable, hits_fn: Callable, params, stats, inputs: 
 def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *,
                     norm: Normalization = Normalization(), color_shift: float = 0.1, remat: bool = False,
                     nan_policy: str = 'stop', accumulate_steps: int = 1,
-                    eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC, head: str = 'classify') -> Callable:
+                    eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC, head: str = 'classify',
+                    label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
   """The jitted step: (state, batch {'image': uint8, 'label': int32}, lr) -> (state, metrics).
+
+  Recipe knobs (0, the paper's, leaves the step as it was): ``label_smoothing`` (the classifier's targets,
+  localization_model.Classify) and ``ema_decay`` (state.ema_params <- decay * ema + (1 - decay) * params
+  after each applied update; a state from create_train_state(..., ema=True)).
 
   head: 'classify', or 'scr'/'pcr' for a box net (batches also hold 'box' and 'box_valid'; see
   per_example_loss; train_top1 is then the fraction of crops whose box has IoU > 0.5 with the true box).
@@ -144,7 +168,7 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
   big batch.
   """
   has_bn = bool(model.batch_norm)
-  objective = localization_model.get_head(head)
+  objective = localization_model.get_head(head, label_smoothing)
   patterns = optim.trainable_patterns(tx)
   k = int(accumulate_steps)
   if k < 1:
@@ -198,6 +222,9 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
         batch_stats=keep(new_stats, state.batch_stats), opt_state=keep(new_opt_state, opt_state),
         fault=jnp.where(first, fault_now, state.fault),
         fault_step=jnp.where(first, state.step, state.fault_step))
+    if ema_decay:
+      new_state = new_state.replace(ema_params=keep(
+          optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay), state.ema_params))
     metrics = {'loss': loss, 'train_top1': hits / n,
                'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32),
                'fault': new_state.fault, 'fault_step': new_state.fault_step}

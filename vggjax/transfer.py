@@ -197,8 +197,7 @@ def _define_flags():
                               'curve), voc07 (11 points), none (scikit-learn\'s).')
   f['cache_dir'] = flags.DEFINE_string('cache_dir', '', 'Descriptor cache (default WORKDIR/descriptors).')
   f['batch_size'] = flags.DEFINE_integer('batch_size', 32, 'Images of equal size per forward pass.')
-  f['num_cpu_devices'] = flags.DEFINE_integer('num_cpu_devices', 0, 'Virtual CPU devices (0: '
-                                              'VGGJAX_NUM_CPU_DEVICES or 1).')
+  f.update(cli.define_cpu_flag())
   flags.mark_flags_as_required(['workdir', 'config'])
   return f
 

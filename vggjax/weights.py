@@ -15,8 +15,11 @@ never run pickled code: torch.load(weights_only=True), safetensors, h5py.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -415,9 +418,6 @@ def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, list[np.ndarray]
   published weight files (``vgg16_weights_tf_dim_ordering_tf_kernels.h5``), a legacy full-model ``.h5``,
   Keras 3's ``.weights.h5`` and ``.keras`` archives. Read with h5py: nothing is executed. The flatten order
   comes from the model config where the file has one ('HWC' otherwise, as in every Keras application)."""
-  import io
-  import json
-  import zipfile
   import h5py
 
   path = os.fspath(path)

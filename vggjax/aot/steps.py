@@ -67,11 +67,8 @@ class Steps:
     return bool(self.train_options.get('remat', False))
 
   def train_step(self, remat: bool | None = None, accumulate_steps: int | None = None):
-    options = dict(self.train_options)
-    if remat is not None:
-      options['remat'] = remat
-    if accumulate_steps is not None:
-      options['accumulate_steps'] = accumulate_steps
+    given = dict(remat=remat, accumulate_steps=accumulate_steps)
+    options = {**self.train_options, **{k: v for k, v in given.items() if v is not None}}
     return train.make_train_step(self.model, self.tx, self.mesh, norm=self.norm, **options)
 
   def eval_step(self):

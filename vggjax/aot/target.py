@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.experimental import topologies
 
 from vggjax import hardware
 from vggjax.aot import analysis
@@ -70,7 +71,6 @@ def tpu_target(topology: str, num_slices: int = 1, dtype: str = 'bfloat16', ici_
                dcn_gbps: float = 0.0, hbm_gib: float = 0.0) -> Target:
   """The compile-only devices of `num_slices` slices of `topology` (an accelerator type such as
   v5litepod-16) and the chip's figures. Needs libtpu; never opens a TPU."""
-  from jax.experimental import topologies
   sl = hardware.parse_slice(topology, num_slices)
   chip = sl.chip
   try:

@@ -34,7 +34,7 @@ import pathlib
 import numpy as np
 
 from vggjax import boxes as boxes_lib
-from vggjax.data import pipeline, sources, transforms
+from vggjax.data import iterators, sources, transforms
 from vggjax.settings import data_settings
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def eval_example(image, boxes, *, image_size: int, scale: int,
   return crop, boxes_lib.to_target(box, image_size), valid
 
 
-class _BoxTrainBatchFn(pipeline._TrainBatchFn):
+class BoxTrainBatchFn(iterators.TrainBatchFn):
 
   def __call__(self, step: int) -> dict:
     epoch, indices = self.indices(step)
@@ -187,7 +187,7 @@ class _BoxTrainBatchFn(pipeline._TrainBatchFn):
     return {'image': images, 'label': labels, 'box': targets, 'box_valid': valid, '_bad': bad}
 
 
-class _BoxEvalBatchFn(pipeline._EvalBatchFn):
+class BoxEvalBatchFn(iterators.EvalBatchFn):
 
   def __call__(self, step: int) -> dict:
     lb, size = self.local_batch_size, self.image_size
@@ -210,30 +210,19 @@ class _BoxEvalBatchFn(pipeline._EvalBatchFn):
             '_bad': bad}
 
 
-def _swap(fn, cls):
-  """The pipeline's batch function object re-typed to its box variant (same fields, same state)."""
-  new = cls.__new__(cls)
-  new.__dict__.update(fn.__dict__)
-  return new
-
-
 def train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> pipeline.TrainIterator:
+                   process_count: int = 1) -> iterators.TrainIterator:
   """``pipeline.train_iterator`` whose batches also carry 'box' and 'box_valid'."""
   data = data_settings(data)
-  it = pipeline.TrainIterator(data, global_batch_size=global_batch_size, seed=seed,
-                              process_index=process_index, process_count=process_count,
-                              source=open_source(data, data.train_split))
-  it._fn = _swap(it._fn, _BoxTrainBatchFn)
-  return it
+  return iterators.TrainIterator(data, global_batch_size=global_batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count,
+                                 source=open_source(data, data.train_split), batch_fn=BoxTrainBatchFn)
 
 
 def eval_iterator(data, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                  scale=None, split=None) -> pipeline.EvalIterator:
+                  scale=None, split=None) -> iterators.EvalIterator:
   """``pipeline.eval_iterator`` whose batches also carry 'box' and 'box_valid' (central crop at Q)."""
   data = data_settings(data)
-  it = pipeline.EvalIterator(data, global_batch_size=global_batch_size, process_index=process_index,
-                             process_count=process_count, scale=scale, split=split,
-                             source=open_source(data, split or data.eval_split))
-  it._fn = _swap(it._fn, _BoxEvalBatchFn)
-  return it
+  return iterators.EvalIterator(data, global_batch_size=global_batch_size, process_index=process_index,
+                                process_count=process_count, scale=scale, split=split,
+                                source=open_source(data, split or data.eval_split), batch_fn=BoxEvalBatchFn)

@@ -32,8 +32,12 @@ import pathlib
 import struct
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from vggjax import cli, rundir
+from vggjax import cli, config_lib, rundir
+from vggjax.data import pipeline, transforms
+from vggjax.settings import data_settings
 
 
 class RgbMoments:
@@ -79,8 +83,6 @@ def pca_flags(stats: dict) -> str:
 def compute_stats(data, num_images: int = 0, num_threads: int = 4, split: str | None = None) -> dict:
   """The training-set statistics described in the module docstring, as a JSON-able dict (data: the
   settings.DataSettings, or a config's data block)."""
-  from vggjax.data import pipeline, transforms
-  from vggjax.settings import data_settings
   data = data_settings(data)
   source = pipeline.open_source(data, split or data.train_split)
   n = len(source)
@@ -188,8 +190,6 @@ def convert_to_array_record(name: str, data_dir: str, out_dir: str | None = None
 
 
 def _define_flags() -> dict:
-  from absl import flags
-  from ml_collections import config_flags
   return {
       'config': config_flags.DEFINE_config_file(
           'config', str(cli.config_file('default')), 'stats: a config file; override fields with '
@@ -216,7 +216,6 @@ def main(argv, flag_holders) -> None:
     done = convert_to_array_record(f['name'], f['data_dir'], f['out_dir'])
     print(f'converted {f["name"]} to array_record: {", ".join(map(str, done)) or "nothing to do"}')
     return
-  from vggjax import config_lib
   config_lib.validate(f['config'])  # a bad field: one line, exit 2
   stats = compute_stats(f['config'].data, f['num_images'], f['num_threads'])
   text = json.dumps(stats, indent=2)

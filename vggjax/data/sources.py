@@ -31,6 +31,7 @@ import struct
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from vggjax.data import transforms
 from vggjax.settings import DataSettings, data_settings
@@ -233,7 +234,6 @@ _FOLDER_SPLITS = {'train': ('train',), 'validation': ('val', 'validation', 'vali
 
 
 def _image_extensions() -> frozenset[str]:
-  from PIL import Image
   return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 

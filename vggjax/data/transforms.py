@@ -55,6 +55,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from vggjax import cli
+
 RngOrSeed = Union[np.random.Generator, int, tuple, list, None]
 ImageOrBytes = Union[np.ndarray, bytes]
 
@@ -64,8 +66,9 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 _JPEG_SOI = b'\xff\xd8'
 
 
-class DecodeError(ValueError):
-  """An image that cannot be decoded (corrupt, truncated, not an image)."""
+class DecodeError(cli.UnreadableInput):
+  """An image that cannot be decoded (corrupt, truncated, not an image); a ValueError, and for the commands
+  an unreadable input (exit status cli.EXIT_UNREADABLE)."""
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

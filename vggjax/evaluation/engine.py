@@ -163,57 +163,95 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
   crops_per_step: grid positions of every image the network runs on at once (x 2 with the flips).
   return_posteriors: also fill the result's posteriors, labels and indices (see EvalResult).
   """
+  base, reported = _protocol_sets(protocols)
+  eval_models = list(eval_models)
+  labels_of, num_classes = _model_labels(eval_models)
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * mesh.devices.size
+  parallel.check_batch_size(batch_size, mesh)
+  num_threads = num_threads or min(16, os.cpu_count() or 1)
+  t_start = time.perf_counter()
+
+  split = _Split(source, dct_scaling, num_threads, t_start)
+  split.check_labels(num_classes)
+  all_scales = sorted({q for m in eval_models for q in m.scales})
+  split.plan(all_scales, batch_size // jax.process_count(), aspect_buckets)
+
+  fns = _Functions(eval_models, mesh, crops_per_step, flip)
+  tally = _Tally(split.labels, num_classes, reported, keep=return_posteriors)
+  run = _Pass(eval_models, labels_of, all_scales, split, fns, tally, mesh, base, reported, t_start)
+  run.every_scale(num_threads, progress)
+  run.add_multiscale()
+  return _result(run, flip=flip, batch_size=batch_size, return_posteriors=return_posteriors)
+
+
+def _protocol_sets(protocols: Sequence[str]) -> tuple[list[str], list[str]]:
+  """The base protocols to run (dense+multicrop runs both of its parts) and the protocols reported."""
   protocols = tuple(dict.fromkeys(protocols))
   bad = [p for p in protocols if p not in PROTOCOLS]
   if bad or not protocols:
     raise ValueError(f'unknown protocol(s) {bad}; valid: {", ".join(PROTOCOLS)}')
   base = [p for p in BASE_PROTOCOLS if p in protocols or (p != 'single' and 'dense+multicrop' in protocols)]
   reported = [p for p in PROTOCOLS if p in base or p in protocols]
-  eval_models = list(eval_models)
+  return base, reported
+
+
+def _model_labels(eval_models: Sequence[EvalModel]) -> tuple[list[str], int]:
+  """The models' (unique) labels and their number of classes, the same for all of them."""
   if not eval_models:
     raise ValueError('nothing to evaluate: no model given')
   labels_of = _unique_labels([m.label for m in eval_models])
   classes = {m.model.num_classes for m in eval_models}
   if len(classes) != 1:
     raise ValueError(f'fusion needs models with the same classes; got num_classes {sorted(classes)}')
-  num_classes = classes.pop()
-  mesh = mesh if mesh is not None else parallel.make_mesh()
-  n_dev, n_proc, proc = mesh.devices.size, jax.process_count(), jax.process_index()
-  batch_size = batch_size or DEFAULT_PER_DEVICE_BATCH * n_dev
-  parallel.check_batch_size(batch_size, mesh)
-  local_batch = batch_size // n_proc
-  num_threads = num_threads or min(16, os.cpu_count() or 1)
-  t_start = time.perf_counter()
+  return labels_of, classes.pop()
 
-  # This process's images: a contiguous block of the split. Their dimensions and labels first.
-  n = len(source)
-  lo, hi = proc * n // n_proc, (proc + 1) * n // n_proc
-  reader = _Reader(source, dct_scaling)
-  log.info('reading the sizes of %d images (of %d) in %d threads', hi - lo, n, num_threads)
-  dims, labels, readable, unreadable = _read_split(reader, lo, hi, num_threads)
-  log.info('read the sizes in %.1f s', time.perf_counter() - t_start)
-  bad_labels = int(np.sum(readable & ((labels < 0) | (labels >= num_classes))))
-  if int(np.sum(_allgather(np.asarray([bad_labels])))):
-    raise ValueError(f'labels outside [0, {num_classes}) in the split: the models have {num_classes} classes')
 
-  # The batches of every scale: per bucket shape, the same sequence on every process.
-  all_scales = sorted({q for m in eval_models for q in m.scales})
-  plans, buckets = {}, {}
-  for q in all_scales:
-    shapes = {int(pos): bucket_shape(*reader.t.rescaled_size(int(dims[pos, 0]), int(dims[pos, 1]), q), q,
-                                     aspect_buckets) for pos in np.flatnonzero(readable)}
-    plans[q], counts = plan_batches(shapes, q, local_batch)
-    buckets[q] = {f'{h}x{w}': c for (h, w), c in sorted(counts.items())}
+class _Split:
+  """This process's images: a contiguous block of the split, their dimensions and labels (read first), the
+  records found unreadable, and the batches of every scale."""
 
-  def prepare(batch: _Batch):
+  def __init__(self, source, dct_scaling: bool, num_threads: int, t_start: float):
+    n_proc, proc = jax.process_count(), jax.process_index()
+    self.n = n = len(source)
+    self.lo, self.hi = proc * n // n_proc, (proc + 1) * n // n_proc
+    self.reader = _Reader(source, dct_scaling)
+    log.info('reading the sizes of %d images (of %d) in %d threads', self.hi - self.lo, n, num_threads)
+    self.dims, self.labels, self.readable, self.unreadable = _read_split(self.reader, self.lo, self.hi,
+                                                                         num_threads)
+    log.info('read the sizes in %.1f s', time.perf_counter() - t_start)
+    self.local_batch = 0
+    self.plans: dict[int, list[_Batch]] = {}
+    self.buckets: dict[int, dict[str, int]] = {}
+
+  def check_labels(self, num_classes: int) -> None:
+    labels = self.labels
+    bad_labels = int(np.sum(self.readable & ((labels < 0) | (labels >= num_classes))))
+    if int(np.sum(_allgather(np.asarray([bad_labels])))):
+      raise ValueError(f'labels outside [0, {num_classes}) in the split: '
+                       f'the models have {num_classes} classes')
+
+  def plan(self, scales: Sequence[int], local_batch: int, aspect_buckets: Sequence[float]) -> None:
+    """The batches of every scale: per bucket shape, the same sequence on every process."""
+    self.local_batch = local_batch
+    dims, reader = self.dims, self.reader
+    for q in scales:
+      shapes = {int(pos): bucket_shape(*reader.t.rescaled_size(int(dims[pos, 0]), int(dims[pos, 1]), q), q,
+                                       aspect_buckets) for pos in np.flatnonzero(self.readable)}
+      self.plans[q], counts = plan_batches(shapes, q, local_batch)
+      self.buckets[q] = {f'{h}x{w}': c for (h, w), c in sorted(counts.items())}
+
+  def prepare(self, batch: _Batch):
+    """(images, hw, positions, failed) of one batch: position -1 and an entry in failed for a bad record."""
     hb, wb = batch.shape
+    local_batch, dims = self.local_batch, self.dims
     images = np.zeros((local_batch, hb, wb, 3), np.uint8)
     hw = np.tile(np.asarray([hb, wb], np.int32), (local_batch, 1))  # padding slots: a valid, masked shape
     positions, failed = batch.positions.copy(), []
     for j, pos in enumerate(batch.positions):
       if pos >= 0:
         try:
-          image = reader.rescaled(lo + int(pos), batch.q, int(dims[pos, 0]), int(dims[pos, 1]))
+          image = self.reader.rescaled(self.lo + int(pos), batch.q, int(dims[pos, 0]), int(dims[pos, 1]))
           images[j, :image.shape[0], :image.shape[1]] = image
           hw[j] = image.shape[:2]
         except Exception as e:  # noqa: BLE001 - a bad record must not end the evaluation
@@ -221,86 +259,117 @@ def evaluate(eval_models: Sequence[EvalModel], source, *, protocols: Sequence[st
           failed.append((int(pos), f'{type(e).__name__}: {e}'[:300]))
     return images, hw, positions, failed
 
-  fns = _Functions(eval_models, mesh, crops_per_step, flip)
-  tally = _Tally(labels, num_classes, reported, keep=return_posteriors)
-  n_local = hi - lo
-  sums: dict[tuple[int, str], np.ndarray] = {}  # (model, protocol) -> posteriors summed over its scales
-  scales_done = np.zeros((len(eval_models), n_local), np.int64)  # per image, scales it was evaluated at
-  bar = runlog.ProgressBar(sum(len(b) for b in plans.values()), enabled=proc == 0 and progress,
-                           desc='evaluate', unit='batch')
-  steps, images_done = 0, 0
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    for q in all_scales:
-      at_q = [i for i, m in enumerate(eval_models) if q in m.scales]
-      post = {(i, p): np.zeros((n_local, num_classes), np.float32) for i in at_q for p in base}
-      seen = np.zeros((n_local,), bool)
-      for batch, (images, hw, positions, failed) in _prefetched(pool, prepare, plans[q], num_threads):
-        for pos, err in failed:
-          readable[pos] = False
-          unreadable.append(reader.describe(lo + pos))
-          log.warning('skipping unreadable record %s: %s', reader.describe(lo + pos), err)
-        g = parallel.global_batch({'image': images, 'hw': hw}, mesh)
-        valid = positions >= 0
-        for key, rows in fns.run(q, batch.shape, g['image'], g['hw'], at_q, base).items():
-          post[key][positions[valid]] = rows[valid]
-        seen[positions[valid]] = True
-        steps += 1
-        images_done += int(valid.sum())
-        if bar.enabled:
-          rate = images_done * n_proc / max(time.perf_counter() - t_start, 1e-9)
-          bar.update(steps, Q=q, shape=f'{batch.shape[0]}x{batch.shape[1]}', **{'img/s': round(rate, 1)})
-      seen &= readable
-      # Rows at this scale, per model and fused; the sums over scales.
-      for i in at_q:
-        per = {p: post[(i, p)] for p in base}
-        tally.add(labels_of[i], per, seen, (q,), fns.device_seconds(i, [q], reported))
-        for p in base:
-          sums[(i, p)] = per[p] if (i, p) not in sums else sums[(i, p)] + per[p]
-        scales_done[i] += seen
-      if len(eval_models) > 1 and len(at_q) == len(eval_models):
-        tally.add('fusion', {p: fuse([post[(i, p)] for i in at_q]) for p in base}, seen, (q,),
-                  _total([fns.device_seconds(i, [q], reported) for i in at_q]))
-      del post
-  bar.close()
+  def skip(self, failed: Sequence[tuple[int, str]]) -> None:
+    for pos, err in failed:
+      self.readable[pos] = False
+      self.unreadable.append(self.reader.describe(self.lo + pos))
+      log.warning('skipping unreadable record %s: %s', self.reader.describe(self.lo + pos), err)
 
-  # Multi-scale: each model over its scales; the fusion of the models, each over its own scales.
-  full = {i: {p: sums[(i, p)] / len(m.scales) for p in base} for i, m in enumerate(eval_models)}
-  complete = [scales_done[i] == len(m.scales) for i, m in enumerate(eval_models)]
-  for i, m in enumerate(eval_models):
-    if len(m.scales) > 1:
-      tally.add(labels_of[i], full[i], complete[i], m.scales, fns.device_seconds(i, m.scales, reported))
-  if len(eval_models) > 1 and any(m.scales != eval_models[0].scales or len(m.scales) > 1
-                                 for m in eval_models):
-    seconds = _total([fns.device_seconds(i, m.scales, reported) for i, m in enumerate(eval_models)])
-    tally.add('fusion', {p: fuse([full[i][p] for i in full]) for p in base}, np.all(complete, axis=0),
-              all_scales, seconds)
 
-  n_unreadable = int(np.sum(_allgather(np.asarray([len(unreadable)], np.int64))))
+class _Pass:
+  """The pass over every scale: per batch, the posteriors of the models at that scale; per scale, its result
+  rows, per model and fused, and the sums over the scales; then the multi-scale rows."""
+
+  def __init__(self, eval_models: Sequence[EvalModel], labels_of: Sequence[str], scales: Sequence[int],
+               split: _Split, fns: _Functions, tally: _Tally, mesh, base: Sequence[str],
+               reported: Sequence[str], t_start: float):
+    self.models, self.labels_of, self.scales = eval_models, labels_of, scales
+    self.split, self.fns, self.tally, self.mesh = split, fns, tally, mesh
+    self.base, self.reported, self.t_start = base, reported, t_start
+    self.num_classes = eval_models[0].model.num_classes  # the same for every model
+    self.n_local = split.hi - split.lo
+    self.sums: dict[tuple[int, str], np.ndarray] = {}  # (model, protocol) -> posteriors summed over scales
+    self.scales_done = np.zeros((len(eval_models), self.n_local), np.int64)  # per image, scales evaluated at
+    self.steps, self.images_done = 0, 0
+
+  def every_scale(self, num_threads: int, progress: bool) -> None:
+    bar = runlog.ProgressBar(sum(len(b) for b in self.split.plans.values()),
+                             enabled=jax.process_index() == 0 and progress, desc='evaluate', unit='batch')
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for q in self.scales:
+        self._scale(pool, q, num_threads, bar)
+    bar.close()
+
+  def _scale(self, pool, q: int, num_threads: int, bar) -> None:
+    at_q = [i for i, m in enumerate(self.models) if q in m.scales]
+    post = {(i, p): np.zeros((self.n_local, self.num_classes), np.float32) for i in at_q for p in self.base}
+    seen = np.zeros((self.n_local,), bool)
+    for batch, (images, hw, positions, failed) in _prefetched(pool, self.split.prepare, self.split.plans[q],
+                                                              num_threads):
+      self.split.skip(failed)
+      g = parallel.global_batch({'image': images, 'hw': hw}, self.mesh)
+      valid = positions >= 0
+      for key, rows in self.fns.run(q, batch.shape, g['image'], g['hw'], at_q, self.base).items():
+        post[key][positions[valid]] = rows[valid]
+      seen[positions[valid]] = True
+      self._advance(bar, q, batch, valid)
+    seen &= self.split.readable
+    self._add_scale(q, at_q, post, seen)
+
+  def _advance(self, bar, q: int, batch: _Batch, valid: np.ndarray) -> None:
+    self.steps += 1
+    self.images_done += int(valid.sum())
+    if bar.enabled:
+      rate = self.images_done * jax.process_count() / max(time.perf_counter() - self.t_start, 1e-9)
+      bar.update(self.steps, Q=q, shape=f'{batch.shape[0]}x{batch.shape[1]}', **{'img/s': round(rate, 1)})
+
+  def _add_scale(self, q: int, at_q: Sequence[int], post: Mapping[tuple[int, str], np.ndarray],
+                 seen: np.ndarray) -> None:
+    """Rows at this scale, per model and fused; the sums over scales."""
+    for i in at_q:
+      per = {p: post[(i, p)] for p in self.base}
+      self.tally.add(self.labels_of[i], per, seen, (q,), self.fns.device_seconds(i, [q], self.reported))
+      for p in self.base:
+        self.sums[(i, p)] = per[p] if (i, p) not in self.sums else self.sums[(i, p)] + per[p]
+      self.scales_done[i] += seen
+    if len(self.models) > 1 and len(at_q) == len(self.models):
+      self.tally.add('fusion', {p: fuse([post[(i, p)] for i in at_q]) for p in self.base}, seen, (q,),
+                     _total([self.fns.device_seconds(i, [q], self.reported) for i in at_q]))
+
+  def add_multiscale(self) -> None:
+    """Multi-scale: each model over its scales; the fusion of the models, each over its own scales."""
+    models, base, fns = self.models, self.base, self.fns
+    full = {i: {p: self.sums[(i, p)] / len(m.scales) for p in base} for i, m in enumerate(models)}
+    complete = [self.scales_done[i] == len(m.scales) for i, m in enumerate(models)]
+    for i, m in enumerate(models):
+      if len(m.scales) > 1:
+        self.tally.add(self.labels_of[i], full[i], complete[i], m.scales,
+                       fns.device_seconds(i, m.scales, self.reported))
+    if len(models) > 1 and any(m.scales != models[0].scales or len(m.scales) > 1 for m in models):
+      seconds = _total([fns.device_seconds(i, m.scales, self.reported) for i, m in enumerate(models)])
+      self.tally.add('fusion', {p: fuse([full[i][p] for i in full]) for p in base}, np.all(complete, axis=0),
+                     self.scales, seconds)
+
+
+def _result(run: _Pass, *, flip: bool, batch_size: int, return_posteriors: bool) -> EvalResult:
+  """eval.json's content (and this process's posteriors, if asked for) after the pass."""
+  split, fns = run.split, run.fns
+  n_unreadable = int(np.sum(_allgather(np.asarray([len(split.unreadable)], np.int64))))
   out = EvalResult({
       'models': [{'label': label, 'name': _arch_name(m.model), 'checkpoint': m.checkpoint, 'step': m.step,
                   'image_size': m.model.image_size,
                   'train_scale': train_scale_label(*(m.train_scale or (None, None))),
-                  'test_scales': list(m.scales)} for label, m in zip(labels_of, eval_models)],
-      'protocols': list(reported),
+                  'test_scales': list(m.scales)} for label, m in zip(run.labels_of, run.models)],
+      'protocols': list(run.reported),
       'flip': bool(flip),
-      'results': tally.results(),
-      'num_images': n - n_unreadable,
-      'split_size': n,
+      'results': run.tally.results(),
+      'num_images': split.n - n_unreadable,
+      'split_size': split.n,
       'unreadable': n_unreadable,
       # Per scale: dense shapes (one per bucket), crop extraction (a small gather per bucket and crop kind),
       # the crop network (one shape per crop protocol, the same at every scale).
-      'compiled_shapes': {str(q): {k: len(v) for k, v in fns.shapes[q].items()} for q in all_scales},
-      'buckets': {str(q): buckets[q] for q in all_scales},  # images per bucket shape
+      'compiled_shapes': {str(q): {k: len(v) for k, v in fns.shapes[q].items()} for q in run.scales},
+      'buckets': {str(q): split.buckets[q] for q in run.scales},  # images per bucket shape
       'batch_size': batch_size,
-      'devices': n_dev,
-      'processes': n_proc,
+      'devices': run.mesh.devices.size,
+      'processes': jax.process_count(),
       'compile_s': fns.compile_s,
-      'wall_s': time.perf_counter() - t_start,
+      'wall_s': time.perf_counter() - run.t_start,
   })
-  if unreadable:
-    out['unreadable_records'] = unreadable[:100]  # this process's
+  if split.unreadable:
+    out['unreadable_records'] = split.unreadable[:100]  # this process's
   if return_posteriors:
-    out.posteriors, out.labels, out.indices = tally.kept, labels, np.arange(lo, hi)
+    out.posteriors, out.labels, out.indices = run.tally.kept, split.labels, np.arange(split.lo, split.hi)
   return out
 
 

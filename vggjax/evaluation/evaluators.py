@@ -19,6 +19,8 @@ import numpy as np
 
 from vggjax import parallel, runlog
 from vggjax.data import transforms
+from vggjax.evaluation import engine
+from vggjax.evaluation.inference import apply_batched
 from vggjax.evaluation.scales import ASPECT_BUCKETS, PROTOCOLS
 
 
@@ -92,7 +94,6 @@ class ProtocolEvaluator(Evaluator):
 
   def run(self, variables: Sequence[Any] | None = None):
     """An EvalResult. variables: one per model (default: each EvalModel's own)."""
-    from vggjax.evaluation import engine
     models = self.eval_models
     if variables is not None:
       if len(variables) != len(models):
@@ -141,7 +142,6 @@ class ImageEvaluator(Evaluator):
     return self.fn_rows(variables, inputs, progress)
 
   def fn_rows(self, variables: Any, inputs: Sequence[np.ndarray], progress=None) -> list[np.ndarray]:
-    from vggjax.evaluation.inference import apply_batched
     return apply_batched(self.fn, variables, inputs, self.settings.batch_size, progress)
 
   def run(self, variables: Any, images: Sequence[Any]) -> list[np.ndarray]:

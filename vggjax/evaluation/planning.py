@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vggjax.data import transforms
 
@@ -50,7 +51,6 @@ def _allgather(x: np.ndarray) -> np.ndarray:
   """(process_count, ...) of every process's x (x[None] in a single process)."""
   if jax.process_count() == 1:
     return np.asarray(x)[None]
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
 
