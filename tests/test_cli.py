@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cli_util
-from conftest import subprocess_env
+from conftest import SESSION_CACHE, subprocess_env
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_bad_flag_or_config_is_one_line_and_exit_2(tmp_path, command, args, name
 
 @pytest.mark.slow
 def test_divergence_stops_with_the_step_and_quantity_keeping_good_checkpoints(tmp_path):
-  env = cli_util.cli_env(None)
+  env = cli_util.cli_env(SESSION_CACHE)
   p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path}', *cli_util.TINY,
                       '--config.optimizer.lr=1e30'], env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 3, p.stderr[-3000:]
@@ -105,7 +105,7 @@ LATE_DIVERGENCE = ['--config.optimizer.schedule=step', '--config.optimizer.step_
 
 @pytest.mark.slow
 def test_divergence_after_a_checkpoint_keeps_it_and_skip_counts_the_dropped_steps(tmp_path):
-  env = cli_util.cli_env(str(tmp_path / 'cache'))
+  env = cli_util.cli_env(SESSION_CACHE)
   p = subprocess.run([sys.executable, '-m', 'vggjax.main', f'--workdir={tmp_path / "stop"}', *cli_util.TINY,
                       *LATE_DIVERGENCE], env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 3, p.stderr[-3000:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import cli_util
+from conftest import SESSION_CACHE
 from vggjax import models
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,9 @@ RUN = [*cli_util.TINY, *cli_util.PLATEAU]
 
 
 @pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
+def cache():
+  """The session's persistent compilation cache (conftest.SESSION_CACHE): single-process runs only."""
+  return SESSION_CACHE
 
 
 @pytest.fixture(scope='module')

@@ -30,8 +30,8 @@ def test_a_hung_process_is_named_with_its_stack_and_killed(tmp_path):
   for i in range(2):
     log = tmp_path / f'log{i}.txt'
     with open(log, 'wb') as out:
-      procs.append(subprocess.Popen([sys.executable, '-c', HANGS, str(i)], env=subprocess_env(1, cache=False), stdout=out,
-                                    stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen([sys.executable, '-c', HANGS, str(i)], env=subprocess_env(1, cache=False),
+                                    stdout=out, stderr=subprocess.STDOUT))
     procs[-1].log = str(log)
   assert cli_util.wait_for(lambda: 'ready' in cli_util.output(procs[0]), procs[0], timeout=120)
   with pytest.raises(AssertionError) as failure:

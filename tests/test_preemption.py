@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 import cli_util
+from conftest import SESSION_CACHE
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
+def cache():
+  """The session's persistent compilation cache (conftest.SESSION_CACHE): single-process runs only."""
+  return SESSION_CACHE
 
 
 def _host_state(workdir, step: int) -> dict:
