@@ -118,7 +118,7 @@ def load_meta(path: str | os.PathLike) -> dict:
   kind, directory, step = _resolve(path)
   if kind == 'weights':
     return json.loads((directory / META_FILE).read_text())
-  meta = meta_from_config(json.loads((directory / rundir.CONFIG_FILE).read_text()))
+  meta = meta_from_config(rundir.require_config(directory))
   meta['step'] = step
   return meta
 

@@ -4,12 +4,10 @@ value and what is allowed. ``resolve`` fills the fields whose default depends on
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
-from etils import epath
 
 from vggjax import cli, localization_model, models, optim, rundir, settings
 from vggjax.warm_start import parse_init_layers
@@ -182,11 +180,4 @@ def write(config: ml_collections.ConfigDict, workdir, extra: dict | None = None)
   """WORKDIR/config.json: the resolved config (plus `extra`), written whole (local or gs://)."""
   d = json.loads(to_json(config))
   d.update(extra or {})
-  text = json.dumps(d, indent=2, sort_keys=True)
-  path = epath.Path(workdir) / rundir.CONFIG_FILE
-  if '://' in str(path):
-    path.write_text(text)
-    return
-  tmp = path.with_name(rundir.CONFIG_FILE + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  rundir.write_text(rundir.join(workdir, rundir.CONFIG_FILE), json.dumps(d, indent=2, sort_keys=True))

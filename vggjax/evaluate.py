@@ -14,7 +14,6 @@ the paper's Tables 3-5 on stdout. The library's names are importable from here t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -30,7 +29,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vggjax import checkpoints, parallel  # noqa: E402
+from vggjax import checkpoints, parallel, rundir  # noqa: E402
 from vggjax.data import pipeline  # noqa: E402
 from vggjax.settings import DataSettings  # noqa: E402
 from vggjax.evaluation import *  # noqa: E402,F401,F403 - the library's names, as before the split
@@ -77,11 +76,12 @@ def _define_flags():
 def _load_config(config, workdir: str):
   if config is not None:
     return config
-  path = checkpoints.absolute(workdir) / 'config.json'  # local or gs://
-  if not path.exists():
-    raise FileNotFoundError(f'--workdir={workdir} holds no training run (no {path.name}): give the workdir of a '
-                            f'`vggjax train` run, or --config=NAME of the data with --checkpoint=WEIGHTS')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  run_config = rundir.read_config(checkpoints.absolute(workdir))  # local or gs://
+  if run_config is None:
+    raise FileNotFoundError(f'--workdir={workdir} holds no training run (no {rundir.CONFIG_FILE}): give the '
+                            f'workdir of a `vggjax train` run, or --config=NAME of the data with '
+                            f'--checkpoint=WEIGHTS')
+  return ml_collections.ConfigDict(run_config)
 
 
 def main(argv, flag_holders) -> None:

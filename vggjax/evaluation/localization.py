@@ -5,7 +5,6 @@ localisation net, the ILSVRC localisation error, the figure and the table."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -277,12 +276,10 @@ def save_figure(result: dict, path: str, columns: int = 4) -> str:
 
 
 def write_results(result: dict, workdir: str) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'eval.json')
-  with open(path, 'w') as f:
-    json.dump({k: v for k, v in result.items() if k != 'examples'}, f, indent=2, sort_keys=True)
+  path = rundir.write_json(rundir.join(workdir, 'eval.json'),
+                           {k: v for k, v in result.items() if k != 'examples'}, sort_keys=True)
   save_figure(result, os.path.join(workdir, 'localization.png'))
-  return path
+  return str(path)
 
 
 def format_table(result: dict) -> str:
