@@ -188,26 +188,20 @@ class BoxTrainBatchFn(iterators.TrainBatchFn):
 
 
 class BoxEvalBatchFn(iterators.EvalBatchFn):
+  """The eval batches with each central crop's box target ('box', 'box_valid': a box overlaps the crop)."""
+
+  def extra_fields(self, lb: int) -> dict:
+    return {'box': np.zeros((lb, 4), np.float32), 'box_valid': np.zeros((lb,), bool)}
+
+  def fill(self, batch: dict, j: int, index: int, image) -> None:
+    batch['image'][j], batch['box'][j], batch['box_valid'][j] = eval_example(
+        image, self.source.boxes(index), image_size=self.image_size, scale=self.scale,
+        dct_scaling=self.dct_scaling)
 
   def __call__(self, step: int) -> dict:
-    lb, size = self.local_batch_size, self.image_size
-    images = np.zeros((lb, size, size, 3), np.uint8)
-    labels = np.zeros((lb,), np.int32)
-    targets = np.zeros((lb, 4), np.float32)
-    valid = np.zeros((lb,), bool)
-    mask = np.zeros((lb,), bool)
-    bad = []
-    start = int(step) * self.global_batch_size + self.offset
-    for j, index in enumerate(range(start, min(start + lb, self.n))):
-      try:
-        image, label = self.source.record(index)
-        images[j], targets[j], valid[j] = eval_example(image, self.source.boxes(index), image_size=size,
-                                                       scale=self.scale, dct_scaling=self.dct_scaling)
-        labels[j], mask[j] = label, True
-      except Exception as e:  # noqa: BLE001 - bad data must not end a run
-        bad.append((index, self.source.describe(index), f'{type(e).__name__}: {e}'[:500]))
-    return {'image': images, 'label': labels, 'box': targets, 'box_valid': valid & mask, 'mask': mask,
-            '_bad': bad}
+    batch = super().__call__(step)
+    batch['box_valid'] &= batch['mask']  # a row whose example failed after its box was read: no target
+    return batch
 
 
 def train_iterator(data, *, global_batch_size: int, seed: int, process_index: int = 0,

@@ -118,22 +118,30 @@ class EvalBatchFn(BatchFn):
     self.image_size, self.scale, self.dct_scaling = image_size, scale, dct_scaling
     self.num_batches = math.ceil(self.n / self.global_batch_size)
 
+  def extra_fields(self, lb: int) -> dict:
+    """Per-example arrays a subclass's batches carry beside image, label and mask (zeros: padding)."""
+    return {}
+
+  def fill(self, batch: dict, j: int, index: int, image) -> None:
+    """Example `index` (its encoded image) into row j of the batch's arrays, label and mask aside."""
+    batch['image'][j] = transforms.eval_transform(image, image_size=self.image_size, scale=self.scale,
+                                                  dct_scaling=self.dct_scaling)
+
   def __call__(self, step: int) -> dict:
     lb, size = self.local_batch_size, self.image_size
-    images = np.zeros((lb, size, size, 3), np.uint8)
-    labels = np.zeros((lb,), np.int32)
-    mask = np.zeros((lb,), bool)
+    batch = {'image': np.zeros((lb, size, size, 3), np.uint8), 'label': np.zeros((lb,), np.int32),
+             **self.extra_fields(lb), 'mask': np.zeros((lb,), bool)}
     bad = []
     start = int(step) * self.global_batch_size + self.offset
     for j, index in enumerate(range(start, min(start + lb, self.n))):
       try:
         image, label = self.source.record(index)
-        images[j] = transforms.eval_transform(image, image_size=size, scale=self.scale,
-                                              dct_scaling=self.dct_scaling)
-        labels[j], mask[j] = label, True
+        self.fill(batch, j, index, image)
+        batch['label'][j], batch['mask'][j] = label, True
       except Exception as e:  # noqa: BLE001 - bad data must not end a run
         bad.append((index, self.source.describe(index), f'{type(e).__name__}: {e}'[:500]))
-    return {'image': images, 'label': labels, 'mask': mask, '_bad': bad}
+    batch['_bad'] = bad
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
