@@ -41,6 +41,22 @@ def _clean(v: Any) -> Any:
   return v
 
 
+def tensorboardx_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch (about 3 s) only to
+  accept torch tensors, which vggjax never passes; where torch is installed beside vggjax that import would
+  be paid by every training run. A torch already imported is left as it is."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError while tensorboardX loads
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if sys.modules.get('torch', 0) is None:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per row to WORKDIR/metrics.jsonl and writes scalars to TensorBoard.
 
@@ -58,7 +74,7 @@ class MetricWriter:
     self._tb = None
     if enabled and tensorboard:
       try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = tensorboardx_writer_class()
         self._tb = SummaryWriter(str(run_path(workdir, 'tensorboard')), flush_secs=30)
       except ImportError as e:  # optional; on gs:// tensorboardX needs google-cloud-storage (vggjax[gcs])
         log.warning('no TensorBoard events are written: %s', e)

@@ -23,7 +23,9 @@ other sources take the same slicing syntax on whole numbers or percentages: ``tr
 
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import os
 import pathlib
 import re
@@ -144,6 +146,22 @@ def _sliced(source: ArraySource, split: str, start, stop) -> ArraySource:
   return source.subset(split_indices(len(source), start, stop), f'{source.name.split(":")[0]}:{split}')
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits: (1797, 8, 8) float pixels 0-16 and int64 labels, as load_digits() returns them.
+  Read from the CSV file that ships inside scikit-learn, without importing scikit-learn (over a second, paid
+  by every short run on the digits); scikit-learn's own loader where the file is not found."""
+  spec = importlib.util.find_spec('sklearn')
+  where = (spec.submodule_search_locations or []) if spec else []
+  path = pathlib.Path(where[0]) / 'datasets' / 'data' / 'digits.csv.gz' if where else None
+  if path is not None and path.is_file():
+    data = np.loadtxt(path, delimiter=',')
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  return d.images, d.target.astype(np.int64)
+
+
 def digits_source(split: str) -> ArraySource:
   """scikit-learn's digits (1797 8x8 grayscale images, values 0-16) as uint8 0-255 (x * 255 / 16, rounded).
 
@@ -151,14 +169,12 @@ def digits_source(split: str) -> ArraySource:
   first DIGITS_VALIDATION_PER_CLASS images in 'validation' (300 in all) and the rest in 'train' (1497).
   'test' and 'val' are aliases of 'validation'.
   """
-  from sklearn.datasets import load_digits
   name, start, stop = parse_split(split)
   name = _ALIASES.get(name, 'validation' if name == 'test' else name)
   if name not in ('train', 'validation'):
     raise ValueError(f"digits has the splits 'train' and 'validation' (alias 'test'), not {split!r}")
-  d = load_digits()
-  images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-  labels = d.target.astype(np.int64)
+  pixels, labels = _load_digits()
+  images = np.round(pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
   rng = np.random.default_rng(DIGITS_SPLIT_SEED)
   is_val = np.zeros(len(labels), bool)
   for c in range(10):
