@@ -1,8 +1,9 @@
-"""Imports published VGG weights into a vggjax weights directory.
+"""Imports published VGG weights into a vggjax weights directory: a local file, or a published one by name.
 
     python -m vggjax.convert --from=torchvision --src=vgg16-397923af.pth --model=vgg16 --out=weights/vgg16_tv
     python -m vggjax.convert --from=keras --src=vgg16_weights_tf_dim_ordering_tf_kernels.h5 --model=vgg16 \\
         --out=weights/vgg16_keras
+    python -m vggjax.convert --from=torchvision --weights=vgg16       # downloaded, verified, cached (vggjax.hub)
 
 Sources:
 
@@ -10,6 +11,10 @@ Sources:
   also in timm's naming (``vgg16.tv_in1k`` and friends: pre_logits.fc1/fc2, head.fc);
 * Keras applications VGG16 and VGG19: the published ``.h5`` weight files, a legacy full-model ``.h5``,
   Keras 3 ``.weights.h5`` or ``.keras``.
+
+``--weights=NAME`` downloads the published file of that name (vggjax.hub: torchvision's, Keras', timm's) into
+the cache ($VGGJAX_CACHE, default ~/.cache/vggjax), checks it against its published checksum, converts it
+(to --out, or by default once into the cache) and reuses the cache on the next call.
 
 Files are read without running pickled code (torch.load(weights_only=True), safetensors, h5py). The weights
 directory (DIR/variables, DIR/vggjax.json) records the model, the source and the preprocessing the weights
@@ -19,98 +24,54 @@ scale), which vggjax applies; evaluate, predict, features and ``init_from`` read
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import pathlib
 import sys
-from typing import Any
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from vggjax import checkpoints, labels as labels_lib, models, weights
-from vggjax.preprocessing import Normalization
+from vggjax import checkpoints, hub, models, weights
 
-SOURCES = ('torchvision', 'keras')
-
-
-def _sha256(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _labels_for(labels: str | None, num_classes: int) -> Any:
-  """What to record as the class names: ImageNet's for 1000-class weights ('auto'), a file's, or none."""
-  if labels in (None, '', 'none'):
-    return None
-  if labels == 'auto':
-    labels = labels_lib.IMAGENET if num_classes == labels_lib.NUM_IMAGENET_CLASSES else 'none'
-    if labels == 'none':
-      return None
-  if labels == labels_lib.IMAGENET:
-    try:
-      names = list(labels_lib.imagenet_names())
-    except (OSError, ValueError) as e:
-      logging.warning('ImageNet class names unavailable (%s); recording %r', e, labels_lib.IMAGENET)
-      return labels_lib.IMAGENET
-  else:
-    names = labels_lib.read_labels_file(labels)
-  if len(names) != num_classes:
-    raise ValueError(f'{len(names)} class names for {num_classes} classes')
-  return names
-
-
-def convert(source: str, src: str | os.PathLike, out: str | os.PathLike, model: str | None = None, *,
-            num_classes: int | None = None, image_size: int = 224, labels: str | None = 'auto') -> dict:
-  """Converts the weight file ``src`` of ``source`` ('torchvision' or 'keras') to the weights directory
-  ``out`` and returns its metadata.
-
-  Args:
-    model: the vggjax model name (vgg16, vgg16_bn, ...); inferred from the file when None.
-    num_classes: checked against the file when given.
-    image_size: the training resolution the weights were made for (224 for every published VGG).
-    labels: class names to record: 'auto' (ImageNet's for 1000 classes), 'imagenet2012', a text file
-      with one name per line, or None.
-  """
-  if source not in SOURCES:
-    raise ValueError(f'unknown source {source!r}; valid: {", ".join(SOURCES)}')
-  src = pathlib.Path(src)
-  if not src.is_file():
-    raise FileNotFoundError(f'no weight file {src}')
-  variables, name = weights.load_file(source, src, model, num_classes=num_classes, image_size=image_size)
-  fc8 = variables['params']['fc8']['kernel']
-  fc6 = variables['params']['fc6']['kernel']
-  meta = {
-      'model': {'name': name, 'num_classes': int(fc8.shape[-1]), 'image_size': image_size, 'width': 1.0,
-                'fc_features': int(fc6.shape[-1])},
-      'normalization': Normalization.from_dict(weights.preprocessing_for(source)).to_dict(),
-      'source': source,
-      'source_file': src.name,
-      'source_sha256': _sha256(src),
-      'labels': _labels_for(labels, int(fc8.shape[-1])),
-  }
-  checkpoints.save_weights(out, variables, meta)
-  return checkpoints.load_meta(out)  # as written (JSON: lists, not tuples)
+SOURCES = hub.SOURCES
+convert = hub.convert_file  # the library function, under this module's name of old
 
 
 def _define_flags():
   flags.DEFINE_enum('from', None, list(SOURCES),
                     'Framework the weights come from (default: from the file name: .pth/.pt/.bin/'
-                    '.safetensors -> torchvision, .h5/.keras -> keras).')
+                    '.safetensors -> torchvision, .h5/.keras -> keras; with --weights: torchvision).')
   flags.DEFINE_string('src', None, 'The weight file: .pth/.safetensors (torchvision, timm) or '
                       '.h5/.weights.h5/.keras (Keras applications).')
+  flags.DEFINE_string('weights', None, 'Published weights by name instead of --src: downloaded into the '
+                      'cache ($VGGJAX_CACHE, default ~/.cache/vggjax), verified and converted once. '
+                      'torchvision: ' + ', '.join(hub.names('torchvision')) + '; keras: ' +
+                      ', '.join(hub.names('keras')) + '; timm: ' + ', '.join(hub.names('timm')) +
+                      '. $VGGJAX_WEIGHTS_URL: a mirror of the source\'s base URL.')
   flags.DEFINE_string('model', None, f'vggjax model name ({", ".join(models.MODEL_NAMES)}); '
-                      'inferred from the file when not given.')
-  flags.DEFINE_string('out', None, 'Weights directory to write (DIR/variables, DIR/vggjax.json).')
+                      'inferred from the file when not given (--src).')
+  flags.DEFINE_string('out', None, 'Weights directory to write (DIR/variables, DIR/vggjax.json); with '
+                      '--weights, default: the one in the cache.')
   flags.DEFINE_integer('num_classes', None, 'Expected number of classes (checked; default: the file\'s).')
   flags.DEFINE_integer('image_size', 224, 'Training resolution of the weights (fc6 spans image_size // 32).')
   flags.DEFINE_string('labels', 'auto', "Class names to record: 'auto' (ImageNet's for 1000 classes), "
                       "'imagenet2012', a text file with one name per line, or 'none'.")
-  flags.mark_flags_as_required(['src', 'out'])
+
+
+def _convert(f) -> tuple[str, dict, str]:
+  """(source, metadata, weights directory) of what the flags ask for."""
+  if bool(f.src) == bool(f.weights):
+    raise ValueError('give either --src=FILE (a weight file) or --weights=NAME (published weights by name), '
+                     + ('not both' if f.src else 'one of them'))
+  if f.weights:
+    source = f['from'].value or 'torchvision'
+    out = hub.weights_dir(source, f.weights, out=f.out)
+    return source, checkpoints.load_meta(out), os.fspath(out)
+  if not f.out:
+    raise ValueError('--out=DIR is needed with --src (the weights directory to write)')
+  source = f['from'].value or weights.source_from_path(f.src)
+  meta = convert(source, f.src, f.out, f.model, num_classes=f.num_classes, image_size=f.image_size,
+                 labels=f.labels)
+  return source, meta, f.out
 
 
 def main(argv):
@@ -118,12 +79,9 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  source = f['from'].value or weights.source_from_path(f.src)
   try:
-    meta = convert(source, f.src, f.out, f.model, num_classes=f.num_classes, image_size=f.image_size,
-                   labels=f.labels)
-  except (weights.ConversionError, FileNotFoundError, ValueError) as e:
+    source, meta, out = _convert(flags.FLAGS)
+  except (weights.ConversionError, hub.DownloadError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     raise SystemExit(1) from None
   m = meta['model']
@@ -132,7 +90,7 @@ def main(argv):
   print(f'{m["name"]} ({count:,} parameters, {m["num_classes"]} classes) from {source} {meta["source_file"]}')
   print(f'preprocessing: {norm["color_order"]}, x * {norm["scale"]:.6g} - mean {norm["mean"]}, '
         f'/ std {norm["std"]}')
-  print(f'wrote {os.path.abspath(f.out)}')
+  print(f'weights directory: {os.path.abspath(out)}')
 
 
 if __name__ == '__main__':

@@ -268,6 +268,9 @@ def get_model(name: str, **options) -> VGG:
   or the paper's letters A, A-LRN, B, C, D, E. ``options`` are VGG's attributes (num_classes, width, ...);
   ``init`` is accepted for ``init_scheme`` (a Flax module cannot have an attribute called init)."""
   arch = ARCHS[canonical_name(name)]
+  if 'weights' in options:  # a module has no weights: the published ones come with their own model
+    raise ValueError(f'get_model builds an untrained VGG; for published weights use vggjax.hub.get_model('
+                     f'{name!r}, weights={options["weights"]!r}), which returns (model, variables)')
   if 'init' in options:
     options['init_scheme'] = options.pop('init')
   fields = {f.name for f in dataclasses.fields(VGG)} - {'stages', 'lrn', 'batch_norm', 'parent', 'name'}

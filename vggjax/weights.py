@@ -122,7 +122,8 @@ def torch_to_variables(state_dict: Mapping[str, Any], name: str, *, num_classes:
   if not problems:
     fc8 = params['fc8']['kernel']
     options = dict(num_classes=num_classes or fc8.shape[-1], image_size=image_size,
-                   fc_features=params['fc6']['kernel'].shape[-1])
+                   fc_features=params['fc6']['kernel'].shape[-1],
+                   width=params[convs[0]]['kernel'].shape[-1] / 64)  # a narrow net's: conv1_1's channels / 64
     problems += check_shapes(name, {'params': params, 'batch_stats': stats}, **options)
   if problems:
     raise ConversionError(f'state dict does not fit {name}:\n  ' + '\n  '.join(problems))
