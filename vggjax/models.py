@@ -205,7 +205,7 @@ class VGG(nn.Module):
                example_ids: jax.Array | None = None) -> jax.Array:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'expected images of shape (N, H, W, 3), got {x.shape}')
-    if min(x.shape[1:3]) < self.image_size:
+    if x.shape[1] < self.image_size or x.shape[2] < self.image_size:  # not min(): symbolic sizes (export)
       raise ValueError(f'input size {x.shape[1]}x{x.shape[2]} is below the training size {self.image_size}; '
                        f'the network takes any size >= {self.image_size}')
     conv_init, fc_init = _initializers(self.init_scheme, self.init_std)
