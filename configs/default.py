@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.nan_policy = 'stop'        # stop (keep the last good checkpoint) or skip (drop the step's update)
   c.train.plot = True                # WORKDIR/curves.png at the end
+  c.train.tracker = ''               # '' (none) or wandb: a tracker beside TensorBoard (vggjax.tracking)
   c.train.trainable = ''             # layer-name patterns to train ('fc*', 'fc8', 'conv5_*,fc*'); '' = all
   c.train.accumulate_steps = 1       # micro-batches per global batch (one update each): the paper's 256 on a
                                      # small device, the same loss and gradients up to rounding

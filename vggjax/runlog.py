@@ -63,8 +63,10 @@ class MetricWriter:
   On a local filesystem rows are appended; on object stores (gs://), which cannot append, the file is
   rewritten whole at most every `remote_flush_secs` and at close."""
 
-  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True, remote_flush_secs: float = 60):
+  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True, remote_flush_secs: float = 60,
+               tracker=None):
     self.enabled = enabled
+    self.tracker = tracker  # vggjax.tracking's (train.tracker) or None: fed every row, closed by close()
     self.path = run_path(workdir, 'metrics.jsonl')
     self._local = is_local(self.path)
     self._rows: list[str] = []
@@ -94,6 +96,8 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {k: _clean(v) for k, v in row.items()}
+    if self.tracker is not None:
+      self.tracker.log(row)
     line = json.dumps(row) + '\n'
     if self._local:
       with open(self.path, 'a') as f:
@@ -115,6 +119,8 @@ class MetricWriter:
 
   def close(self) -> None:
     self.flush()
+    if self.tracker is not None:
+      self.tracker.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -160,6 +160,7 @@ class TrainSettings(_Settings):
   keep_checkpoints: int
   nan_policy: str
   plot: bool
+  tracker: str
   trainable: str
   accumulate_steps: int
   ema_decay: float

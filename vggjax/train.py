@@ -28,7 +28,7 @@ from etils import epath
 
 from vggjax import checkpoints, config_lib, localization_model, models, optim, parallel, preemption, rundir
 from vggjax import runlog as vlog
-from vggjax import settings
+from vggjax import settings, tracking
 from vggjax.data import pipeline
 from vggjax.evaluation.evaluators import EvalInterrupted, ValidationEvaluator  # noqa: F401 - train's names
 from vggjax.preprocessing import Normalization
@@ -143,7 +143,8 @@ class _Run:
                schedule=optim.Schedule.from_config(config.optimizer, steps_per_epoch, total_steps),
                norm=norm, train_step=train_step, eval_step=eval_step, it=it,
                ckpt=checkpoints.TrainCheckpointer(workdir, keep=t.keep_checkpoints),
-               writer=vlog.MetricWriter(workdir, enabled=jax.process_index() == 0))
+               writer=vlog.MetricWriter(workdir, enabled=jax.process_index() == 0, tracker=tracking.start(
+                   config, workdir, enabled=jax.process_index() == 0)))
 
   def restore(self) -> tuple[TrainState, int, dict]:
     """(state, step, host state) of the latest checkpoint, or of a fresh (or warm-started) run at step 0;
