@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5         # on fc6 and fc7
   c.model.init = 'paper'             # paper (Gaussian, std init_std), glorot, torchvision
   c.model.init_std = 0.01            # measured (docs/design.md 16): 0.1, the text's literal, diverges
-  c.model.dtype = 'float32'          # compute dtype: float32 or bfloat16 (params stay float32)
+  c.model.dtype = 'float32'          # compute dtype: float32, bfloat16, or float16 (with dynamic loss
+                                     # scaling, train.loss_scale); params stay float32
   c.model.pool_ceil = False         # Caffe's ceil rounding in max pooling (dense eval of Caffe weights)
   c.model.remat = False              # recompute conv activations in the backward pass (saves memory)
   c.model.head = 'classify'          # classify, or a box regressor: scr, pcr (paper Appendix A; vgg16_loc)
@@ -69,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000  # also at the end (and at each epoch end, see below)
   c.train.checkpoint_every_epoch = True  # a checkpoint at each epoch end too
   c.train.keep_checkpoints = 3
+  c.train.keep_best = False          # also keep the checkpoint of the best val top-1 (WORKDIR/best reads it)
   c.train.nan_policy = 'stop'        # stop (keep the last good checkpoint) or skip (drop the step's update)
   c.train.plot = True                # WORKDIR/curves.png at the end
   c.train.tracker = ''               # '' (none) or wandb: a tracker beside TensorBoard (vggjax.tracking)
@@ -80,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.label_smoothing = 0.0      # optax.smooth_labels on the classifier's targets (0: none; 0.1 common)
   c.train.profile_steps = 0          # a jax.profiler trace of this many steps (after the first) in
                                      # WORKDIR/profile, for TensorBoard's profile tab (0: none)
+  c.train.loss_scale = 2.0 ** 15     # model.dtype=float16: the initial dynamic loss scale (jmp's; halved on
+                                     # an overflow, doubled after 2000 good steps); unused otherwise
 
   # --- optimizer (vggjax.optim) ---
   c.optimizer = ml_collections.ConfigDict()

@@ -5,7 +5,9 @@ Two kinds of directory hold weights, and ``load_weights`` reads both:
 * a training run: WORKDIR/config.json (the resolved config) and WORKDIR/checkpoints/<step>/ with the items
   ``state`` (step, params, batch_stats, optimizer and schedule state, RNG) and ``data`` (the input
   iterator's position). Saved by ``TrainCheckpointer`` (async, keep the last K, atomic: Orbax writes to a
-  temporary directory and renames it when complete, so a half-written step is never restored);
+  temporary directory and renames it when complete, so a half-written step is never restored). With
+  train.keep_best the step of the best validation top-1 is kept beside the last K (Orbax's best_fn, mode
+  max, on the metrics saved with each evaluated step); WORKDIR/best names it;
 * a weights directory (made by ``vggjax.convert`` or ``save_weights``): DIR/variables (params and, for _bn
   models, batch_stats) and DIR/vggjax.json, the metadata: the model (name, num_classes, image_size, width,
   fc_features, and head for a localisation net), the normalization its inputs need, where the weights came from, and the labels.
@@ -31,6 +33,25 @@ CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
 MODEL_KEYS = ('name', 'num_classes', 'image_size', 'width', 'fc_features', 'head')
 # The items of a training checkpoint step directory (WORKDIR/checkpoints/<step>/<item>).
 STATE_ITEM, DATA_ITEM, HOST_ITEM = 'state', 'data', 'host'
+BEST = 'best'  # WORKDIR/best: the run's checkpoint of the best val top-1 (train.keep_best)
+BEST_METRIC = 'val_top1'
+
+
+def _best_fn(metrics: Mapping) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def best_step(workdir: str | os.PathLike) -> int | None:
+  """The step of the best val top-1 among a run's kept checkpoints saved with metrics (None if none)."""
+  directory = absolute(workdir) / CHECKPOINT_DIR
+  if not directory.exists():
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, best_fn=_best_fn, best_mode='max'))
+  try:
+    return manager.best_step()
+  finally:
+    manager.close()
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -108,9 +129,15 @@ def _resolve(path: str | os.PathLike) -> tuple[str, epath.Path, int | None]:
     return 'run', p, step
   if p.name.isdigit() and p.parent.name == CHECKPOINT_DIR and (p.parent.parent / rundir.CONFIG_FILE).exists():
     return 'run', p.parent.parent, int(p.name)
+  if p.name == BEST and (p.parent / rundir.CONFIG_FILE).exists():
+    step = best_step(p.parent)
+    if step is None:
+      raise FileNotFoundError(f'{p}: the run kept no checkpoint with validation metrics (train it with '
+                              f'train.keep_best=True), or read {p.parent} (its latest checkpoint)')
+    return 'run', p.parent, step
   raise FileNotFoundError(
       f'{p} is neither a weights directory (with {META_FILE}), a training workdir (with config.json and '
-      f'{CHECKPOINT_DIR}/) nor a checkpoint step directory (WORKDIR/{CHECKPOINT_DIR}/<step>)')
+      f'{CHECKPOINT_DIR}/), WORKDIR/{BEST} nor a checkpoint step directory (WORKDIR/{CHECKPOINT_DIR}/<step>)')
 
 
 def load_meta(path: str | os.PathLike) -> dict:
@@ -154,8 +181,23 @@ def load_weights(path: str | os.PathLike, *, collections: tuple[str, ...] = ('pa
   if weights == 'ema':
     restored['params'] = restored.pop('ema_params')
     meta['weights'] = 'ema'
-  logging.info('loaded %s from %s (step %s)', '/'.join(restored), directory, step)
+  which = {'weights': 'weights directory', 'run': 'latest checkpoint'}[kind]
+  if kind == 'run' and (absolute(path).name == BEST or absolute(path).name.isdigit()):
+    which = 'best val top-1 checkpoint' if absolute(path).name == BEST else 'checkpoint'
+  logging.info('loaded %s from %s (%s, step %s)', '/'.join(restored), directory, which, step)
   return restored, meta
+
+
+def _keep_best_options(keep: int) -> dict:
+  """CheckpointManagerOptions keeping the last ``keep`` steps and the best val top-1 one (Orbax's best_fn,
+  mode max; steps saved without metrics count for the last K only). Orbax takes a preservation policy
+  instead of max_to_keep for the union of the two; best_fn is still set, for manager.best_step()."""
+  policies = ocp.checkpoint_managers
+  return dict(best_fn=_best_fn, best_mode='max', keep_checkpoints_without_metrics=True,
+              preservation_policy=policies.AnyPreservationPolicy([
+                  policies.LatestN(n=keep),
+                  policies.BestN(get_metric_fn=_best_fn, reverse=False, n=1,
+                                 keep_checkpoints_without_metrics=False)]))
 
 
 class _IteratorState:
@@ -179,9 +221,10 @@ class _IteratorState:
 
 
 class TrainCheckpointer:
-  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K."""
+  """WORKDIR/checkpoints: async Orbax saves of (train state, data iterator position, host state), keep K
+  (``keep_best``: and the step of the best val top-1 among those saved with metrics)."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, keep_best: bool = False):
     import grain.checkpoint  # training only: loading weights (predict, features, convert) needs no Grain
     self._ocp, self._grain = ocp, grain.checkpoint
     directory = absolute(workdir) / CHECKPOINT_DIR
@@ -189,8 +232,10 @@ class TrainCheckpointer:
         directory,
         # A step directory is written under a temporary name and renamed when complete: a run killed
         # mid-write leaves only a temporary directory, which is never restored and is cleaned up here.
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True, cleanup_tmp_directories=True),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True,
+                                             cleanup_tmp_directories=True,
+                                             **(_keep_best_options(keep) if keep_best else
+                                                {'max_to_keep': keep})),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        DATA_ITEM: grain.checkpoint.CheckpointHandler(),
                        HOST_ITEM: ocp.JsonCheckpointHandler()})
@@ -198,14 +243,16 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, iterator, host: dict) -> None:
+  def save(self, step: int, state, iterator, host: dict, metrics: Mapping | None = None) -> None:
+    """``metrics``: the step's validation row, if it was evaluated (keep_best ranks by its val top-1)."""
     ocp = self._ocp
     if step in self.manager.all_steps():
       return
+    numbers = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, np.number))}
     self.manager.save(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_ITEM: self._grain.CheckpointSave(_IteratorState(iterator)), HOST_ITEM: ocp.args.JsonSave(host)}),
-        force=True)
+        metrics=numbers if BEST_METRIC in numbers else None, force=True)
 
   def restore(self, step: int, abstract_state, iterator) -> tuple[Any, dict]:
     ocp = self._ocp
@@ -218,12 +265,12 @@ class TrainCheckpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def resave(self, step: int, state, iterator, host: dict) -> None:
+  def resave(self, step: int, state, iterator, host: dict, metrics: Mapping | None = None) -> None:
     """Replaces step's checkpoint (its host state changed: an interrupted evaluation has now run)."""
     self.manager.wait_until_finished()
     if step in self.manager.all_steps():
       self.manager.delete(step)
-    self.save(step, state, iterator, host)
+    self.save(step, state, iterator, host, metrics)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

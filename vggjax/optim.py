@@ -11,7 +11,8 @@
 * Freezing (``train.trainable``, layer-name patterns): the optimizer sees only the matching layers, so a
   frozen layer gets no update, no weight decay and no optimizer state (no momentum buffer: FC-only training
   of VGG-16 holds momentum for 120M parameters, not 138M). The paper's localisation net fine-tunes only the
-  FC layers (``trainable='fc*'``); transfer learning often trains fc8 alone.
+  FC layers (``trainable='fc*'``); transfer learning often trains fc8 alone. This is optax's own
+  ``multi_transform``: the trainable layers get the optimizer, the others ``set_to_zero``.
 """
 
 from __future__ import annotations
@@ -100,10 +101,14 @@ def check_patterns(layers: Sequence[str], patterns: Sequence[str]) -> None:
     raise ValueError(f'train.trainable={",".join(patterns)!r} leaves no layer to train')
 
 
+TRAIN, FROZEN = 'trainable', 'frozen'  # the labels of optax.multi_transform
+
+
 class FrozenTransformation(NamedTuple):
-  """A GradientTransformation that runs ``inner`` on the layers matching ``trainable`` only: its state is
-  the inner state of those layers (so set_learning_rate works unchanged), and the updates of other layers
-  are zero. The train step reads ``trainable`` and differentiates only those layers."""
+  """A GradientTransformation that runs ``inner`` on the layers matching ``trainable`` only: optax's
+  ``multi_transform`` of {trainable: inner, frozen: ``set_to_zero``}, whose state holds the inner state of
+  the trainable layers alone (frozen leaves are optax.MaskedNode: no momentum buffer). The train step reads
+  ``trainable`` and differentiates only those layers (update_trainable)."""
   init: Callable
   update: Callable
   trainable: tuple[str, ...]
@@ -113,17 +118,23 @@ def freeze(tx: optax.GradientTransformation, patterns: Sequence[str]) -> FrozenT
   """``tx`` restricted to the layers matching ``patterns`` (top-level keys of the params dict)."""
   patterns = tuple(patterns)
 
-  def init(params):
-    return tx.init(split_trainable(params, patterns)[0])
+  def labels(params):
+    return {k: jax.tree_util.tree_map(lambda _, lab=(TRAIN if is_trainable(k, patterns) else FROZEN): lab, v)
+            for k, v in params.items()}
 
-  def update(updates, state, params=None):
-    train_updates, frozen = split_trainable(updates, patterns)
-    train_params = None if params is None else split_trainable(params, patterns)[0]
-    new_updates, state = tx.update(train_updates, state, train_params)
-    zeros = jax.tree_util.tree_map(lambda g: jax.numpy.zeros_like(g), frozen)
-    return {**zeros, **new_updates}, state
+  mt = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+  return FrozenTransformation(mt.init, mt.update, patterns)
 
-  return FrozenTransformation(init, update, patterns)
+
+def update_trainable(tx, grads: dict, opt_state: Any, train_params: dict, frozen_params: dict):
+  """(updates of the trainable layers, new opt_state): ``tx.update`` for a step that differentiated only
+  the trainable layers. The frozen layers enter as their parameters (set_to_zero reads only their shapes;
+  its zeros are unused and compiled away). Every layer trained: tx.update(grads, opt_state, params)."""
+  if not frozen_params:
+    return tx.update(grads, opt_state, train_params)
+  params = {**frozen_params, **train_params}
+  updates, opt_state = tx.update({**frozen_params, **grads}, opt_state, params)
+  return {k: updates[k] for k in train_params}, opt_state
 
 
 def trainable_patterns(tx) -> tuple[str, ...]:
@@ -132,7 +143,14 @@ def trainable_patterns(tx) -> tuple[str, ...]:
 
 
 def set_learning_rate(opt_state: Any, lr: jax.Array) -> Any:
-  """Returns opt_state with the injected learning rate replaced (inside the jitted step)."""
+  """Returns opt_state with the injected learning rate replaced (inside the jitted step); a frozen
+  transformation's: in its trainable part."""
+  if isinstance(opt_state, optax.MultiTransformState):
+    inner_states = dict(opt_state.inner_states)
+    inner_states[TRAIN] = set_learning_rate(inner_states[TRAIN], lr)
+    return opt_state._replace(inner_states=inner_states)
+  if isinstance(opt_state, optax.MaskedState):
+    return opt_state._replace(inner_state=set_learning_rate(opt_state.inner_state, lr))
   inner = opt_state[-1]
   hyper = dict(inner.hyperparams, learning_rate=lr)
   return opt_state[:-1] + (inner._replace(hyperparams=hyper),)

@@ -142,7 +142,7 @@ class _Run:
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, model=model, tx=tx,
                schedule=optim.Schedule.from_config(config.optimizer, steps_per_epoch, total_steps),
                norm=norm, train_step=train_step, eval_step=eval_step, it=it,
-               ckpt=checkpoints.TrainCheckpointer(workdir, keep=t.keep_checkpoints),
+               ckpt=checkpoints.TrainCheckpointer(workdir, keep=t.keep_checkpoints, keep_best=t.keep_best),
                writer=vlog.MetricWriter(workdir, enabled=jax.process_index() == 0, tracker=tracking.start(
                    config, workdir, enabled=jax.process_index() == 0)))
 
@@ -151,7 +151,8 @@ class _Run:
     then WORKDIR/config.json is written."""
     start = self.ckpt.latest_step()
     if start is not None:
-      abstract = abstract_train_state(self.model, self.tx, self.mesh, ema=bool(self.t.ema_decay))
+      abstract = abstract_train_state(self.model, self.tx, self.mesh, ema=bool(self.t.ema_decay),
+                                      loss_scale=self.loss_scale)
       state, host = self.ckpt.restore(start, abstract, self.it)
       self.schedule.load_state_dict(host.get('schedule', {}))
       self.writer.truncate_after(start)
@@ -160,7 +161,7 @@ class _Run:
       start, host = 0, {}
       warn_deep_from_scratch(self.config)
       state = create_train_state(self.model, self.tx, self.mesh, int(settings.value(self.config, 'seed')),
-                                 ema=bool(self.t.ema_decay))
+                                 ema=bool(self.t.ema_decay), loss_scale=self.loss_scale)
       if settings.value(self.config, 'init_from'):
         state = reset_ema(warm_start(state, self.config.init_from, settings.value(self.config, 'init_layers'),
                                      self.mesh, self.norm, model_name=self.m.name))
@@ -175,6 +176,11 @@ class _Run:
 
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
+
+  @property
+  def loss_scale(self) -> float:
+    """The initial dynamic loss scale: float16 only (0: none)."""
+    return self.t.loss_scale if self.m.dtype == 'float16' else 0.0
 
 
 class _Validation:
@@ -247,6 +253,9 @@ class _LogWindow:
     skipped = int(sum(m['skipped'] for m in host))
     if skipped:
       row['skipped_steps'] = skipped
+    if 'loss_scale' in last:  # float16: the last step's loss scale, and the steps skipped for an overflow
+      row['loss_scale'] = float(last['loss_scale'])
+      row['overflow_steps'] = int(sum(m['overflow'] for m in host))
     skipped_total = self.skipped_before + parallel.sum_over_processes(skipped_local)
     if skipped_total > self.skipped_logged:  # unreadable images replaced in this window's batches
       row['skipped_images'] = skipped_total - self.skipped_logged
@@ -314,7 +323,7 @@ class _Loop:
     try:
       self.last_eval = self.validate(self.step, self.state)
       self.pending_eval = False
-      self.run.ckpt.resave(self.step, self.state, self.run.it, self.host_state())
+      self.run.ckpt.resave(self.step, self.state, self.run.it, self.host_state(), metrics=self.last_eval)
     except EvalInterrupted:
       self.preempted = True
       log.warning('stopped during the evaluation of step %d for preemption; the same command resumes',
@@ -352,7 +361,8 @@ class _Loop:
         self.window.restart_clock()
       if save_now:
         _check_faults(self.state, t.nan_policy)
-        r.ckpt.save(step, self.state, r.it, self.host_state())
+        r.ckpt.save(step, self.state, r.it, self.host_state(),
+                    metrics=self.last_eval if evaluate_now and not self.pending_eval else None)
         r.writer.flush()  # on gs://, where rows are uploaded in batches: every row up to the checkpoint
       if self.preempted:
         log.warning('stopped at step %d for preemption; the same command resumes', step)

@@ -9,6 +9,10 @@ exports these names too).
 * A non-finite loss, gradient or update never reaches the parameters: that step's update is dropped and the
   first fault's step and kind are kept in the state (FAULTS); the loop reads them at each log step and stops
   or counts them (train.nan_policy).
+* model.dtype=float16: dynamic loss scaling (jmp.DynamicLossScale, kept in state.loss_scale). A step whose
+  gradients overflow while its loss is finite is skipped and counted (state.loss_scale['overflows'], the
+  metric 'overflow'), and the scale halves; it doubles after 2000 good steps. Only a non-finite loss, an
+  overflow at the smallest scale (1) or a non-finite update is a fault for train.nan_policy.
 * The objective is the head's (localization_model.get_head): the steps never branch on the head.
 """
 
@@ -20,6 +24,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import jmp
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -28,6 +33,7 @@ from vggjax.evaluation import inference
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
 
 FAULTS = {1: 'loss', 2: 'gradients', 3: 'update'}
+MIN_LOSS_SCALE = 1.0  # float16: an overflow at this scale is a divergence, not an overflow
 
 @flax.struct.dataclass
 class TrainState:
@@ -40,6 +46,9 @@ class TrainState:
   fault_step: jax.Array  # the step of the first fault, -1 if none
   # train.ema_decay > 0: the exponential moving average of params, updated after each applied step ({}: none)
   ema_params: Any = flax.struct.field(default_factory=dict)
+  # model.dtype=float16: the dynamic loss scale {'scale', 'counter' (good steps since the last change),
+  # 'overflows' (steps skipped for an overflow)}; {}: no loss scaling
+  loss_scale: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
@@ -54,8 +63,16 @@ class TrainState:
     return {**self.variables, 'params': self.ema_params}
 
 
+def initial_loss_scale(scale: float) -> dict:
+  """state.loss_scale at the start of a float16 run (scale 0: no loss scaling, {})."""
+  if not scale:
+    return {}
+  return {'scale': jnp.asarray(scale, jnp.float32), 'counter': jnp.zeros((), jnp.int32),
+          'overflows': jnp.zeros((), jnp.int32)}
+
+
 def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Array,
-                ema: bool = False) -> TrainState:
+                ema: bool = False, loss_scale: float = 0.0) -> TrainState:
   init_key, state_key = jax.random.split(key)
   size = model.image_size
   variables = model.init({'params': init_key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
@@ -63,14 +80,16 @@ def _init_state(model: models.VGG, tx: optax.GradientTransformation, key: jax.Ar
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params), rng=state_key,
                     fault=jnp.zeros((), jnp.int32), fault_step=jnp.full((), -1, jnp.int32),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else {})
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else {},
+                    loss_scale=initial_loss_scale(loss_scale))
 
 
 def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh, seed: int,
-                       ema: bool = False) -> TrainState:
+                       ema: bool = False, loss_scale: float = 0.0) -> TrainState:
   """Initialises parameters and optimizer state with one jitted call, directly replicated on the mesh
-  (``ema``: with an EMA of the parameters, starting at them)."""
-  init = functools.partial(_init_state, model, tx, ema=ema)
+  (``ema``: with an EMA of the parameters, starting at them; ``loss_scale`` > 0: dynamic loss scaling from
+  that scale, for float16)."""
+  init = functools.partial(_init_state, model, tx, ema=ema, loss_scale=loss_scale)
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(seed))
 
 
@@ -82,9 +101,10 @@ def reset_ema(state: TrainState) -> TrainState:
 
 
 def abstract_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh,
-                         ema: bool = False) -> TrainState:
+                         ema: bool = False, loss_scale: float = 0.0) -> TrainState:
   """The train state's shapes, dtypes and shardings, without allocating it (the target of a restore)."""
-  shapes = jax.eval_shape(functools.partial(_init_state, model, tx, ema=ema), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(functools.partial(_init_state, model, tx, ema=ema, loss_scale=loss_scale),
+                          jax.random.PRNGKey(0))
   rep = parallel.replicated(mesh)
   return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
@@ -116,9 +136,10 @@ def per_example_hits(outputs: jax.Array, targets: jax.Array, head: str = 'classi
 def _micro_batches(grad_fn: Callable, hits_fn: Callable, params, stats, inputs: tuple, k: int, mesh):
   """(loss, hits, grads, batch_stats) of the batch ``inputs`` = (x, targets, ids), in k micro-batches (one
   after another, lax.scan; micro-batch j holds examples j, j+k, ...) whose losses, hits and gradients are
-  summed; k = 1: the batch at once."""
+  summed; k = 1: the batch at once. grad_fn differentiates the (possibly loss-scaled) objective; its aux
+  holds (outputs, batch_stats, the unscaled loss)."""
   if k == 1:
-    (loss, (outputs, stats)), grads = grad_fn(params, stats, *inputs)
+    (_, (outputs, stats, loss)), grads = grad_fn(params, stats, *inputs)
     return loss, jnp.sum(hits_fn(outputs, inputs[1]).astype(jnp.float32)), grads, stats
   n = inputs[0].shape[0]
 
@@ -129,7 +150,7 @@ def _micro_batches(grad_fn: Callable, hits_fn: Callable, params, stats, inputs: 
 
   def body(carry, micro):
     loss_sum, hit_sum, grad_sum, stats = carry
-    (loss, (outputs, stats)), g = grad_fn(params, stats, *micro)
+    (_, (outputs, stats, loss)), g = grad_fn(params, stats, *micro)
     grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, g)
     hits = jnp.sum(hits_fn(outputs, micro[1]).astype(jnp.float32))
     return (loss_sum + loss, hit_sum + hits, grad_sum, stats), None
@@ -185,6 +206,7 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
       raise ValueError(f'the batch of {n} does not split into {k} micro-batches (train.accumulate_steps)')
     ids = jnp.arange(n, dtype=jnp.int32)
     train_params, frozen_params = optim.split_trainable(state.params, patterns)
+    scaler = _loss_scaler(state.loss_scale)
 
     def loss_fn(p, stats, x, targets, ids):
       """The micro-batch's summed loss / n (so the micro-batches' sum is the batch mean)."""
@@ -196,25 +218,29 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
         stats = new_vars['batch_stats']
       else:
         outputs = model.apply(variables, x, **kw)
-      return objective.loss(outputs, targets).sum() / n, (outputs, stats)
+      loss = objective.loss(outputs, targets).sum() / n
+      return scaler.scale(loss), (outputs, stats, loss)
 
     if remat:  # keep only the pooled output of each conv block; recompute inside blocks
       loss_fn = jax.checkpoint(loss_fn, policy=jax.checkpoint_policies.save_only_these_names('block_out'))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     loss, hits, grads, new_stats = _micro_batches(grad_fn, objective.hits, train_params, state.batch_stats,
                                                   (x, targets, ids), k, mesh)
+    grads = scaler.unscale(grads)
     opt_state = optim.set_learning_rate(state.opt_state, lr)
-    updates, new_opt_state = tx.update(grads, opt_state, train_params)
+    updates, new_opt_state = optim.update_trainable(tx, grads, opt_state, train_params, frozen_params)
     new_params = {**frozen_params, **optax.apply_updates(train_params, updates)}
     grad_norm = optax.global_norm(grads)
-    fault_now = jnp.select([~jnp.isfinite(loss), ~_all_finite(grads), ~_all_finite(updates)], [1, 2, 3],
-                           0).astype(jnp.int32)
+    fault_now, overflow = _faults(loss, grads, updates, scaler if state.loss_scale else None)
     ok = fault_now == 0
     if nan_policy == 'stop':
       ok = ok & (state.fault == 0)
     if has_bn and patterns:  # a frozen layer's batch norm keeps its running statistics too
       new_stats = {name: (v if optim.is_trainable(name, patterns) else state.batch_stats[name])
                    for name, v in new_stats.items()}
+    skipped = 1 - ok.astype(jnp.int32)  # a fault's step (an overflow is counted apart)
+    if state.loss_scale:
+      ok = ok & ~overflow
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     first = (state.fault == 0) & (fault_now != 0)
     new_state = state.replace(
@@ -226,12 +252,43 @@ def make_train_step(model: models.VGG, tx: optax.GradientTransformation, mesh, *
       new_state = new_state.replace(ema_params=keep(
           optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay), state.ema_params))
     metrics = {'loss': loss, 'train_top1': hits / n,
-               'grad_norm': grad_norm, 'skipped': 1 - ok.astype(jnp.int32),
+               'grad_norm': grad_norm, 'skipped': skipped,
                'fault': new_state.fault, 'fault_step': new_state.fault_step}
+    if state.loss_scale:
+      new_state = new_state.replace(loss_scale=_next_loss_scale(state.loss_scale, scaler, grads, overflow))
+      metrics.update(loss_scale=scaler.loss_scale, overflow=overflow.astype(jnp.int32))
     return new_state, metrics
 
   rep = parallel.replicated(mesh)
   return jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
+
+
+def _faults(loss, grads, updates, scaler) -> tuple[jax.Array, jax.Array | None]:
+  """(the step's fault kind (FAULTS, 0: none), overflow). With a loss scaler (float16) an overflow (a finite
+  loss, non-finite gradients, a scale above MIN_LOSS_SCALE) is skipped but is no fault."""
+  if scaler is None:
+    return jnp.select([~jnp.isfinite(loss), ~_all_finite(grads), ~_all_finite(updates)], [1, 2, 3],
+                      0).astype(jnp.int32), None
+  grads_finite = _all_finite(grads)
+  overflow = jnp.isfinite(loss) & ~grads_finite & (scaler.loss_scale > MIN_LOSS_SCALE)
+  return jnp.select([~jnp.isfinite(loss), ~grads_finite & ~overflow, ~overflow & ~_all_finite(updates)],
+                    [1, 2, 3], 0).astype(jnp.int32), overflow
+
+
+def _loss_scaler(loss_scale: dict):
+  """jmp's dynamic loss scale of state.loss_scale (float16), or its no-op scale ({}: float32, bfloat16)."""
+  if not loss_scale:
+    return jmp.NoOpLossScale()
+  return jmp.DynamicLossScale(loss_scale=loss_scale['scale'], counter=loss_scale['counter'],
+                              min_loss_scale=jnp.asarray(MIN_LOSS_SCALE, jnp.float32))
+
+
+def _next_loss_scale(loss_scale: dict, scaler, grads, overflow: jax.Array) -> dict:
+  """state.loss_scale after a step: jmp's adjustment (halved on non-finite gradients, doubled after its
+  period of finite steps), the overflow counted."""
+  nxt = scaler.adjust(jmp.all_finite(grads))
+  return {'scale': nxt.loss_scale, 'counter': nxt.counter.astype(jnp.int32),
+          'overflows': loss_scale['overflows'] + overflow.astype(jnp.int32)}
 
 
 def make_eval_step(model: models.VGG, mesh, norm: Normalization = Normalization(),
