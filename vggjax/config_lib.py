@@ -13,7 +13,7 @@ from vggjax import cli, localization_model, models, optim, rundir, settings
 from vggjax.warm_start import parse_init_layers
 
 SOURCES = ('tfds', 'folder', 'digits', 'mnist', 'fashion_mnist')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'float16')
 NAN_POLICIES = ('stop', 'skip')
 
 
@@ -132,6 +132,7 @@ def _validate_knobs(config: ml_collections.ConfigDict) -> None:
   _check(0 <= t.ema_decay < 1, 'train.ema_decay', t.ema_decay, '0 (no EMA) or a decay in (0, 1), e.g. 0.9999')
   _check(0 <= t.label_smoothing < 1, 'train.label_smoothing', t.label_smoothing, 'in [0, 1), e.g. 0.1')
   _check(t.profile_steps >= 0, 'train.profile_steps', t.profile_steps, '0 (no trace) or a step count')
+  _check(t.loss_scale >= 1, 'train.loss_scale', t.loss_scale, 'an initial loss scale >= 1 (e.g. 32768)')
   clip = config.optimizer.get('clip_norm', settings.default_config().optimizer.clip_norm)
   _check(clip >= 0, 'optimizer.clip_norm', clip, '0 (no clipping) or a positive global norm')
 

@@ -158,6 +158,7 @@ class TrainSettings(_Settings):
   checkpoint_every_steps: int
   checkpoint_every_epoch: bool
   keep_checkpoints: int
+  keep_best: bool
   nan_policy: str
   plot: bool
   tracker: str
@@ -166,6 +167,7 @@ class TrainSettings(_Settings):
   ema_decay: float
   label_smoothing: float
   profile_steps: int
+  loss_scale: float
 
 
 def value(config, name: str):
