@@ -16,7 +16,8 @@ The names (``names(source)``) and what each file is checked against:
   keras.applications gives its get_file;
 * timm: vgg11.tv_in1k ... vgg19_bn.tv_in1k (timm's names of torchvision's weights; vgg16 means
   vgg16.tv_in1k), BASE/vgg16.tv_in1k/resolve/main/model.safetensors; the sha256 the Hub publishes for the
-  file (its LFS object id, sent as the X-Linked-Etag header).
+  file (its LFS object id, sent as the X-Linked-Etag header; a mirror that sends none gets a warning and the
+  file is not verified).
 
 The cache is $VGGJAX_CACHE, else $XDG_CACHE_HOME/vggjax, else ~/.cache/vggjax:
 
