@@ -3,7 +3,6 @@ TensorBoard event files and a PNG of the curves. Only process 0 writes; the othe
 
 from __future__ import annotations
 
-import io
 import json
 import logging as _logging
 import math
@@ -14,7 +13,7 @@ from typing import Any, Iterable
 from etils import epath
 from tqdm import tqdm
 
-from vggjax import rundir
+from vggjax import plots, rundir
 
 log = _logging.getLogger('vggjax')
 
@@ -57,6 +56,49 @@ def tensorboardx_writer_class():
   return SummaryWriter
 
 
+# TensorBoard's tags for metrics.jsonl's keys (the file keeps its keys): grouped into sections, train/, val/,
+# perf/, data/, so the curves of a kind sit together; a key not listed keeps its name, and val_<x> becomes
+# val/<x> (ema_val_<x>: val_ema/<x>). None: not charted (constant or the step's other name).
+TENSORBOARD_TAGS = {'loss': 'train/loss', 'train_top1': 'train/top1', 'grad_norm': 'train/grad_norm',
+                    'lr': 'train/lr', 'skipped_steps': 'train/skipped_steps', 'img_per_s': 'perf/img_per_s',
+                    'skipped_images': 'data/skipped_images', 'val_skipped_images': 'data/val_skipped_images',
+                    'epoch': None, 'val_count': None}
+
+
+def tensorboard_tag(key: str) -> str | None:
+  """The TensorBoard tag of a metrics.jsonl key (TENSORBOARD_TAGS)."""
+  if key in TENSORBOARD_TAGS:
+    return TENSORBOARD_TAGS[key]
+  for prefix, section in (('ema_val_', 'val_ema/'), ('val_', 'val/')):
+    if key.startswith(prefix):
+      return section + key[len(prefix):]
+  return key
+
+
+def describe_run_to_tensorboard(tb, config: dict) -> None:
+  """The run's config in TensorBoard: the whole of config.json as text ('config'), its scalar fields as
+  hparams (in the run's own event file, with val/top1 and val/loss as the metrics), and a custom-scalars
+  layout that draws train and val curves of a quantity in one chart (labelled from model.head)."""
+  from tensorboardX.summary import hparams
+  tb.add_text('config', '    ' + json.dumps(config, indent=2, sort_keys=True).replace('\n', '\n    '), 0)
+  flat, stack = {}, [('', config)]
+  while stack:
+    prefix, d = stack.pop()
+    for k, v in d.items():
+      if isinstance(v, dict):
+        stack.append((f'{prefix}{k}.', v))
+      elif isinstance(v, (str, int, float, bool)) and k not in ('labels', 'pca_eigval', 'pca_eigvec'):
+        flat[prefix + k] = v
+  for summary in hparams(flat, {'val/top1': 0.0, 'val/loss': 0.0})[:2]:  # experiment, session start
+    tb.file_writer.add_summary(summary)
+  box = (config.get('model') or {}).get('head', 'classify') != 'classify'
+  charts = {'Euclidean box loss' if box else 'loss': ['Multiline', ['train/loss', 'val/loss']],
+            'IoU > 0.5 rate, mean IoU' if box else 'top-1, top-5':
+            ['Multiline', ['train/top1', 'val/top1', 'val_ema/top1'] + (['val/iou'] if box else ['val/top5'])],
+            'learning rate': ['Multiline', ['train/lr']]}
+  tb.add_custom_scalars({'train and val': charts})
+
+
 class MetricWriter:
   """Appends one JSON object per row to WORKDIR/metrics.jsonl and writes scalars to TensorBoard.
 
@@ -73,7 +115,7 @@ class MetricWriter:
     self._flush_secs, self._flushed = remote_flush_secs, time.time()
     if enabled and not self._local and self.path.exists():
       self._rows = [line + '\n' for line in self.path.read_text().splitlines() if line.strip()]
-    self._tb = None
+    self._tb, self._workdir, self._described = None, workdir, False
     if enabled and tensorboard:
       try:
         SummaryWriter = tensorboardx_writer_class()
@@ -107,10 +149,16 @@ class MetricWriter:
       if time.time() - self._flushed > self._flush_secs:
         self.flush()
     if self._tb is not None:
+      if not self._described:  # once, at the first row (the trainer writes config.json before any)
+        self._described = True
+        config = rundir.read_config(self._workdir)
+        if config is not None:
+          describe_run_to_tensorboard(self._tb, config)
       step = row.get('step', 0)
       for k, v in row.items():
-        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, step)
+        tag = tensorboard_tag(k)
+        if k != 'step' and tag and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(tag, v, step)
 
   def flush(self) -> None:
     if self.enabled and not self._local:
@@ -210,41 +258,5 @@ class ProgressBar:
 
 
 def plot_curves(workdir, rows: Iterable[dict] | None = None) -> epath.Path | None:
-  """WORKDIR/curves.png: training loss and validation top-1/top-5 against the step."""
-  rows = list(rows if rows is not None else read_metrics(workdir))
-  train = [r for r in rows if 'loss' in r and isinstance(r['loss'], (int, float))]
-  evals = [r for r in rows if 'val_top1' in r]
-  if not train and not evals:
-    return None
-  try:
-    import matplotlib
-  except ImportError:  # optional: a run never fails at its end for a plot
-    log.warning('matplotlib is not installed: no %s (pip install matplotlib)',
-                run_path(workdir, 'curves.png'))
-    return None
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  ax1.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
-  if any('val_loss' in r for r in evals):
-    ax1.plot([r['step'] for r in evals], [r.get('val_loss') for r in evals], 'o-', label='val loss')
-  ax1.set_xlabel('step')
-  ax1.set_ylabel('cross-entropy')
-  ax1.set_yscale('log')
-  ax1.legend()
-  ax2.plot([r['step'] for r in evals], [r['val_top1'] for r in evals], 'o-', label='val top-1')
-  ax2.plot([r['step'] for r in evals], [r['val_top5'] for r in evals], 's-', label='val top-5')
-  if any('train_top1' in r for r in train):
-    ax2.plot([r['step'] for r in train], [r.get('train_top1') for r in train], alpha=0.5,
-             label='train top-1')
-  ax2.set_xlabel('step')
-  ax2.set_ylabel('accuracy')
-  ax2.set_ylim(0, 1)
-  ax2.legend()
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100)
-  plt.close(fig)
-  path = run_path(workdir, 'curves.png')
-  path.write_bytes(buffer.getvalue())
-  return path
+  """WORKDIR/curves.png: the loss, top-1 (or a box net's IoU) and learning rate by epoch (plots.plot_curves)."""
+  return plots.plot_curves(workdir, rows)

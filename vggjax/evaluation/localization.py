@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from vggjax import boxes as boxes_lib
-from vggjax import checkpoints, localization_model, rundir, runlog
+from vggjax import checkpoints, localization_model, plots, rundir, runlog
 from vggjax.data import boxes_source, transforms
 from vggjax.evaluation import inference
 from vggjax.settings import DataSettings
@@ -204,7 +204,8 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
              split: str = '', max_images: int = 0, merge_threshold: float = 0.5, batch_size: int = 64,
              data_dir: str = '', progress: bool = True) -> dict:
   """Evaluates (classifier run, localisation run) on a split with boxes; returns eval.json's content plus
-  'examples' (per image: the picture at Q and the boxes, for the figure)."""
+  'examples' (up to 16 images spread over the classes: the picture at Q, the true boxes and each protocol's
+  top-1 class, box, its IoU and whether it is right, for the figure)."""
   unknown = [p for p in protocols if p not in PROTOCOLS]
   if unknown or not protocols:
     raise ValueError(f'protocols {list(protocols)}: unknown {unknown}; valid: {", ".join(PROTOCOLS)}')
@@ -225,54 +226,30 @@ def localize(classifier: str, localizer: str, *, protocols: Sequence[str] = PROT
   result = {'classifier': str(classifier), 'localizer': str(localizer), 'head': nets.head, 'scale': q,
             'split': split, 'num_images': n, 'merge_threshold': merge_threshold, 'iou_threshold':
             boxes_lib.IOU_THRESHOLD, 'protocols': {}}
+  shown = plots.spread_over_classes(ims.labels, 16)  # the figure's tiles: each class in turn
   examples = [{'image': ims.images[i], 'label': ims.labels[i], 'gt': ims.gts[i], 'scale': ims.scales[i],
-               'boxes': {}} for i in range(min(n, 16))]
+               'boxes': {}} for i in shown]
   for protocol in protocols:
     if protocol == 'crop':
       guesses, pred, true_class = _crop_protocol(nets, ims, k, batch_size)
     else:
       guesses, pred, true_class = _dense_protocol(nets, ims, k, merge_threshold, progress)
     result['protocols'][protocol] = _errors(guesses, pred, true_class, ims, k)
-    for i, ex in enumerate(examples):
-      ex['boxes'][protocol] = (int(guesses[i, 0]), pred[i, 0])
+    for i, ex in zip(shown, examples):
+      gt = boxes_lib.as_boxes(ims.gts[i])
+      ex['boxes'][protocol] = {
+          'class': int(guesses[i, 0]), 'box': pred[i, 0],
+          'iou': float(np.max(boxes_lib.iou(pred[i, 0], gt))) if len(gt) else 0.0,
+          'hit': boxes_lib.correct(guesses[i, 0], pred[i, 0], ims.labels[i], gt)}
   result['wall_s'] = time.time() - t0
   result['class_names'] = list(source.class_names) if source.class_names else None
   result['examples'] = examples
   return result
 
 
-def save_figure(result: dict, path: str, columns: int = 4) -> str:
-  """A grid of test images (at Q): the true box in green, the top-1 guess of each protocol (crop: orange,
-  dense: red), captioned with the true and guessed classes."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  examples = result['examples']
-  names = result.get('class_names') or [str(c) for c in range(1000)]
-  rows = max(1, -(-len(examples) // columns))
-  fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-  colours = {'crop': 'orange', 'dense': 'red'}
-  for ax in axes.ravel():
-    ax.axis('off')
-  for ax, ex in zip(axes.ravel(), examples):
-    ax.imshow(ex['image'])
-    sx, sy = ex['scale']
-    at_q = lambda b: np.asarray(b) * np.array([sx, sy, sx, sy])  # noqa: E731
-    for b in ex['gt']:
-      x0, y0, x1, y1 = at_q(b)
-      ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color='lime', lw=2))
-    caption = [f'true: {names[ex["label"]]}']
-    for protocol, (c, b) in ex['boxes'].items():
-      x0, y0, x1, y1 = at_q(b)
-      ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colours[protocol], lw=1.5,
-                                 ls='--' if protocol == 'crop' else '-'))
-      caption.append(f'{protocol}: {names[c]}')
-    ax.set_title('\n'.join(caption), fontsize=7)
-  fig.suptitle('green: true box; orange dashed: central crop; red: dense + merging', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+def save_figure(result: dict, path: str, columns: int = 4) -> str | None:
+  """localization.png: a grid of test images with the true and guessed boxes (plots.localization_figure)."""
+  return plots.save_localization_figure(result, path, columns)
 
 
 def write_results(result: dict, workdir: str) -> str:
