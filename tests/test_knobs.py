@@ -237,3 +237,94 @@ def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile
     json.dump(saved, f)
   with pytest.raises(ValueError, match='no EMA weights'):
     checkpoints.load_weights(workdir, weights='ema')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# float16 with dynamic loss scaling (jmp), keep-best checkpoints.
+
+
+def test_float16_step_skips_an_overflow_halves_the_scale_and_stops_on_a_real_divergence():
+  model = models.get_model('vgg11', **{**SMALL, 'dtype': 'float16'})
+  mesh = parallel.make_mesh()
+  tx = optim.make_optimizer(_opt())
+  step = train.make_train_step(model, tx, mesh)
+  # A huge initial scale: the float16 backward pass overflows, the step is skipped and the scale halves.
+  state = train.create_train_state(model, tx, mesh, seed=0, loss_scale=2.0 ** 100)
+  before = jax.device_get(state.params)
+  state, m = step(state, parallel.global_batch(_batch(), mesh), np.float32(0.05))
+  assert (int(m['overflow']), int(m['skipped']), int(m['fault'])) == (1, 0, 0)
+  assert float(m['loss_scale']) == 2.0 ** 100 and np.isfinite(float(m['loss']))
+  scale = jax.device_get(state.loss_scale)
+  assert (float(scale['scale']), int(scale['overflows']), int(scale['counter'])) == (2.0 ** 99, 1, 0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  # A scale that fits: the update is applied, with the unscaled gradients (finite, not scaled up).
+  state = state.replace(loss_scale=train.initial_loss_scale(2.0 ** 10))
+  state, m = step(state, parallel.global_batch(_batch(), mesh), np.float32(0.05))
+  assert (int(m['overflow']), int(m['skipped']), int(m['fault'])) == (0, 0, 0)
+  assert 0 < float(m['grad_norm']) < 100 and int(jax.device_get(state.loss_scale['counter'])) == 1
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                                                      jax.tree_util.tree_leaves(before)))
+  # A real divergence (a non-finite update) is a fault, not an overflow: nan_policy=stop stops the run.
+  state, m = step(state, parallel.global_batch(_batch(), mesh), np.float32('inf'))
+  assert (int(m['overflow']), int(m['fault'])) == (0, 3)
+  with pytest.raises(train.NonFiniteError, match='non-finite update at step 2'):
+    train._raise_fault(int(m['fault']), int(m['fault_step']), 'stop')
+  with pytest.raises(config_lib.ConfigError, match='config.train.loss_scale=0.5'):
+    config = default.get_config()
+    config.train.loss_scale = 0.5
+    config_lib.validate(config)
+
+
+class _Iterator:
+  def get_state(self):
+    return {'position': 0}
+
+  def set_state(self, state):
+    pass
+
+
+def test_keep_best_keeps_the_best_val_top1_beside_the_last_k(tmp_path):
+  workdir = tmp_path / 'run'
+  ckpt = checkpoints.TrainCheckpointer(str(workdir), keep=2, async_save=False, keep_best=True)
+  state = {'params': {'w': np.zeros(3, np.float32)}}
+  for step, top1 in [(1, 0.5), (2, 0.9), (3, None), (4, 0.6), (5, 0.7)]:
+    ckpt.save(step, state, _Iterator(), {}, metrics=None if top1 is None else {'step': step, 'val_top1': top1,
+                                                                              'lr_reduced': False})
+  ckpt.close()
+  assert sorted(ckpt.manager.all_steps()) == [2, 4, 5]  # the last 2, and step 2's best val top-1
+  (workdir / 'config.json').write_text('{}')
+  assert checkpoints.best_step(workdir) == 2
+  assert checkpoints._resolve(workdir / 'best')[1:] == (checkpoints.absolute(workdir), 2)
+  assert checkpoints._resolve(workdir)[2] == 5
+  # Without keep_best: the last K only; WORKDIR/best then has nothing to name.
+  plain = tmp_path / 'plain'
+  ckpt = checkpoints.TrainCheckpointer(str(plain), keep=2, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, state, _Iterator(), {})
+  ckpt.close()
+  (plain / 'config.json').write_text('{}')
+  assert sorted(ckpt.manager.all_steps()) == [2, 3]
+  with pytest.raises(FileNotFoundError, match='train.keep_best=True'):
+    checkpoints._resolve(plain / 'best')
+
+
+@pytest.mark.slow
+def test_a_float16_run_logs_and_resumes_its_loss_scale_and_reads_its_best_checkpoint(tmp_path):
+  config = tiny.get_config('A')
+  config.model.dtype, config.train.keep_best, config.train.keep_checkpoints = 'float16', True, 1
+  config.train.max_steps, config.train.eval_every_steps, config.train.checkpoint_every_steps = 4, 2, 2
+  config.train.log_every_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  config.train.max_steps = 6
+  train.train_and_evaluate(config, workdir)  # resumes at step 4 with the checkpointed loss scale
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  logs = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in logs] == [2, 4, 6]
+  assert all(r['loss_scale'] >= 1 and r['overflow_steps'] >= 0 for r in logs)
+  evals = {r['step']: r['val_top1'] for r in rows if 'val_top1' in r}
+  best = max(evals, key=lambda s: (evals[s], -s))
+  assert checkpoints.best_step(workdir) == best
+  _, meta = checkpoints.load_weights(os.path.join(workdir, 'best'))
+  assert meta['step'] == best

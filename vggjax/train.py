@@ -33,8 +33,8 @@ from vggjax.data import pipeline
 from vggjax.evaluation.evaluators import EvalInterrupted, ValidationEvaluator  # noqa: F401 - train's names
 from vggjax.preprocessing import Normalization
 from vggjax.train_step import (FAULTS, TrainState, abstract_train_state,  # noqa: F401 - train's names
-                               create_train_state, make_eval_step, make_train_step, per_example_hits,
-                               per_example_loss, reset_ema, step_targets)
+                               create_train_state, initial_loss_scale, make_eval_step, make_train_step,
+                               per_example_hits, per_example_loss, reset_ema, step_targets)
 from vggjax.warm_start import (DEEP_NETS, parse_init_layers, warm_start,  # noqa: F401 - train's names
                                warn_deep_from_scratch)
 
