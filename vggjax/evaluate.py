@@ -47,8 +47,9 @@ def _define_flags():
   f['workdir'] = flags.DEFINE_string('workdir', None, 'Where eval.json goes; also the checkpoint to evaluate '
                                      '(its latest) when no --checkpoint is given.')
   f['checkpoint'] = flags.DEFINE_multi_string(
-      'checkpoint', [], 'A training workdir, checkpoint step directory or weights directory; repeat the flag '
-      'to fuse several models.')
+      'checkpoint', [], 'A training workdir (its latest checkpoint), WORKDIR/best (its best val top-1 one, '
+      'train.keep_best), checkpoint step directory or weights directory; repeat the flag to fuse several '
+      'models.')
   f['protocols'] = flags.DEFINE_list('protocols', list(PROTOCOLS), f'Any of {", ".join(PROTOCOLS)}.')
   f['scales'] = flags.DEFINE_list('scales', [], 'Test scales Q for every model (default: the paper\'s, from '
                                   'each model\'s training S).')

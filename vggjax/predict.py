@@ -115,7 +115,8 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 
 def _define_flags():
   flags.DEFINE_string('checkpoint', None, 'A weights directory (from vggjax.convert) or a training workdir '
-                      '(its latest checkpoint) or WORKDIR/checkpoints/<step>.')
+                      '(its latest checkpoint), WORKDIR/best (its best val top-1 one, train.keep_best) or '
+                      'WORKDIR/checkpoints/<step>.')
   flags.DEFINE_enum('protocol', 'single', list(PROTOCOLS), 'single: central crop of the image rescaled to Q; '
                     'dense: the whole image at Q, score map averaged, averaged with its flip.')
   flags.DEFINE_list('scales', [], 'Q values whose posteriors are averaged (default: image_size * 256 / 224; '
