@@ -306,6 +306,7 @@ COMMANDS = {
     'predict': ('vggjax.predict', 'top-5 classes of images: --checkpoint=DIR IMAGE...'),
     'features': ('vggjax.features', 'Appendix B descriptors: --checkpoint=DIR --out=FILE.npz IMAGE...'),
     'convert': ('vggjax.convert', 'import published weights: --from=torchvision|keras --src=FILE --out=DIR'),
+    'export': ('vggjax.export_command', 'a StableHLO or ONNX artefact for serving: --checkpoint=DIR --out=FILE'),
     'prepare': ('vggjax.data.prepare', 'dataset statistics or array_record conversion: stats|convert'),
     'benchmark': ('vggjax.benchmark', 'time the train and eval steps on the available devices'),
     'plan': ('vggjax.plan', 'compile a config for a TPU slice without one: memory, FLOPs, estimated time'),

@@ -28,12 +28,13 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from vggjax import checkpoints, cli, labels as labels_lib
+from vggjax import checkpoints, cli, export, labels as labels_lib
 from vggjax.data.transforms import dimensions, list_images
 from vggjax.evaluation import ImageEvaluator, ImageSettings, posterior_fn
 from vggjax.preprocessing import single_test_scale
 
 PROTOCOLS = ('single', 'dense')
+BACKENDS = ('jax', 'onnxruntime')
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -48,7 +49,8 @@ def default_scale(meta: dict) -> int:
 
 
 def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str = 'single',
-            scales: Sequence[int] | None = None, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+            scales: Sequence[int] | None = None, batch_size: int = 8, progress: bool = False,
+            fn: Any = None) -> np.ndarray:
   """Class posteriors (N, num_classes) of images (uint8 RGB arrays or paths).
 
   Args:
@@ -56,6 +58,8 @@ def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str 
     meta: the weights metadata (model, normalization).
     protocol: 'single' (central crop of the image rescaled to Q) or 'dense' (whole image at Q, score map
       averaged, averaged with the flipped image).
+    fn: the posterior function (variables, uint8 images) in place of the network's (e.g. an exported model
+      in ONNX Runtime: ``export.onnx_posterior_fn``).
     scales: the Qs whose posteriors are averaged (default: ``default_scale(meta)``).
   """
   if protocol not in PROTOCOLS:
@@ -66,7 +70,7 @@ def predict(variables: Any, meta: dict, images: Sequence[Any], *, protocol: str 
   if min(scales) < size:
     raise ValueError(f'scales {scales} must be at least the training size {size}')
   images = list(images)
-  fn = posterior_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
+  fn = fn or posterior_fn(model, checkpoints.normalization_from_meta(meta), flip=protocol == 'dense')
   settings = ImageSettings(scales=tuple(scales), crop=size if protocol == 'single' else None,
                            style='torchvision', batch_size=batch_size, progress=progress, desc='predict')
   per_scale = ImageEvaluator(fn, settings).run(variables, images)
@@ -126,6 +130,8 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
   flags.DEFINE_string('labels', None, 'A text file of class names (one per line) overriding the '
                       'checkpoint\'s.')
+  flags.DEFINE_enum('backend', 'jax', list(BACKENDS), 'jax: the checkpoint in vggjax; onnxruntime: an ONNX '
+                    'model from `vggjax export --format=onnx` (--checkpoint=MODEL.onnx) in ONNX Runtime.')
   flags.mark_flag_as_required('checkpoint')
 
 
@@ -140,11 +146,16 @@ def main(argv):
   if not files:
     raise SystemExit(f'no images found in {argv[1:]}')
   files, skipped = cli.readable_images(files, dimensions)  # an unreadable one is named on stderr; the rest go on
-  variables, meta = checkpoints.load_weights(f.checkpoint)
+  fn = None
+  if f.backend == 'onnxruntime':
+    fn, meta = export.onnx_posterior_fn(f.checkpoint, flip=f.protocol == 'dense')
+    variables = None
+  else:
+    variables, meta = checkpoints.load_weights(f.checkpoint)
   num_classes = meta['model']['num_classes']
   names = labels_lib.resolve(f.labels or meta.get('labels'), num_classes)
   probs = predict(variables, meta, files, protocol=f.protocol, scales=[int(s) for s in f.scales] or None,
-                  batch_size=f.batch_size, progress=len(files) > 16)
+                  batch_size=f.batch_size, progress=len(files) > 16, fn=fn)
   predictions = top_k(probs, files, names, f.top_k)
   if f.json:
     print(json.dumps([p.to_dict() for p in predictions], indent=1))
