@@ -67,10 +67,11 @@ def fashion_items(data_dir: str = FASHION_DIR) -> tuple[np.ndarray, np.ndarray]:
   return src.images, src.labels
 
 
-def compose(background: np.ndarray, item: np.ndarray, rng: np.random.Generator, height: int, width: int
-            ) -> tuple[np.ndarray, list[float]]:
-  """One picture: a window of the photograph resized to height x width, the item pasted on it. Returns
-  (uint8 (height, width, 3), box [x0, y0, x1, y1])."""
+def compose(background: np.ndarray, item: np.ndarray, rng: np.random.Generator, height: int, width: int,
+            fraction: tuple[float, float] = OBJECT_FRACTION) -> tuple[np.ndarray, list[float]]:
+  """One picture: a window of the photograph resized to height x width, the item pasted on it, its longer
+  side a uniformly random `fraction` of the picture's shorter side. Returns (uint8 (height, width, 3), box
+  [x0, y0, x1, y1])."""
   ph, pw = background.shape[:2]
   side = int(rng.uniform(0.4, 1.0) * min(ph, pw))
   if height <= width:
@@ -84,7 +85,7 @@ def compose(background: np.ndarray, item: np.ndarray, rng: np.random.Generator, 
   # The item: tight crop of its pixels, resized so its longer side is a random fraction of the shorter side.
   ys, xs = np.nonzero(item > 25)
   item = item[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
-  longer = rng.uniform(*OBJECT_FRACTION) * min(height, width)
+  longer = rng.uniform(*fraction) * min(height, width)
   scale = longer / max(item.shape)
   ih, iw = max(2, int(round(item.shape[0] * scale))), max(2, int(round(item.shape[1] * scale)))
   item = cv2.resize(item, (iw, ih), interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)

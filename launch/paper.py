@@ -31,6 +31,9 @@ job is the dependency of its children) unless --resubmit. `tpu` runs the trainin
 with launch/tpu_vm.sh train, one after another, and the evaluations where this script runs (ROOT must be
 reachable from both: gs://...).
 
+`--study`: the paper's findings in miniature, three seeds of every experiment of Tables 3-6 and 8 on real
+pictures (launch/study.py, whose options it takes; docs/paper_miniature.md).
+
 `--tiny`: configs/tiny.py, the same chain with narrow nets on scikit-learn's digits at 32x32, a few steps
 per run, with a compilation cache shared by the steps (tests/test_paper_chain.py runs it end to end).
 """
@@ -236,6 +239,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if '--study' in argv:  # the paper's findings in miniature: launch/study.py takes the other arguments
+    import study
+    return study.main([a for a in argv if a != '--study'])
   argv, extra = sweep.split_passthrough(argv)
   args = parser().parse_args(argv)
   try:

@@ -1,0 +1,96 @@
+"""launch/study.py, the paper's findings in miniature: the plan, the verdicts on the paper's orderings, and the
+whole chain at toy size (task, every run, every evaluation, the summary, the resume)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, subprocess_env
+
+sys.path.insert(0, str(REPO / 'launch'))
+import study  # noqa: E402
+import study_summary as summary  # noqa: E402
+
+STUDY = str(REPO / 'launch' / 'study.py')
+
+
+def test_plan_runs_parents_first_and_seed_by_seed(tmp_path):
+  steps = study.plan(str(tmp_path), seeds=2)
+  names = [s.name for s in steps]
+  assert names[0] == 'task' and len(names) == 1 + 2 * (14 + 4 + 3)
+  assert names.index('A_fixed_s1') > names.index('loc_pcr-fc_s0')  # seed 0 whole first
+  for i, s in enumerate(steps):
+    assert all(names.index(p) < i for p in s.parents), s.name
+  by = {s.name: s for s in steps}
+  assert f'--config.init_from={tmp_path}/A_fixed_s0' in by['E_fixed_s0'].argv
+  assert f'--config.init_from={tmp_path}/D_fixed_s1' in by['D_jitter_s1'].argv
+  assert not any('init_from' in a for a in by['D_scratch_s0'].argv)
+  assert '--config.train.trainable=fc*' in by['D_pcr-fc_s0'].argv
+  assert '--config.seed=1' in by['B_fixed_s1'].argv
+  assert '--scales=32,36,40' in by['table4f_s0'].argv and '--multiscale' in by['table4j_s0'].argv
+  assert by['table3_s0'].argv.count('--config.data.eval_split=test') == 1
+  assert len(by['table3_s0'].parents) == 11
+
+
+def _eval(label_errors: dict[str, dict[str, float]]) -> dict:
+  """An eval.json of the evaluator's layout: per model, protocol and scale key, top-1 / top-5 errors."""
+  return {'models': [{'label': label, 'checkpoint': f'/r/{label}'} for label in label_errors if label != 'fusion'],
+          'results': {label: {'dense': {key: {'top1_err': e, 'top5_err': e / 2} for key, e in errs.items()}}
+                      for label, errs in label_errors.items()}}
+
+
+def test_verdicts_follow_the_per_seed_differences(tmp_path):
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  # B beats A by 5 points on every seed; D vs B is noise around 0; C beats D (the paper's reverse) clearly.
+  for seed, (a, b, c, d) in enumerate([(0.40, 0.35, 0.30, 0.36), (0.42, 0.37, 0.31, 0.35), (0.41, 0.36, 0.29, 0.37)]):
+    names = {'A_fixed': a, 'B_fixed': b, 'C_fixed': c, 'D_fixed': d}
+    (raw / f'table3_s{seed}.json').write_text(json.dumps(_eval({f'{n}_s{seed}': {'36': e} for n, e in names.items()})))
+  loaded = summary.load(str(raw))
+  assert sorted(loaded['table3']) == [0, 1, 2]
+  got = {claim: summary.verdict(better, worse) for claim, _, _, better, worse in summary.claims(loaded)}
+  assert got['B (13 layers) beats A (11)'] == 'reproduced'
+  assert got['D (3x3 convs) beats C (1x1 convs in blocks 3-5)'] == 'contradicted'
+  assert got['D (16) beats B (13)'] == 'not distinguishable'  # differences 1, -2, 1 points
+  assert got['E (19) beats D (16), with jitter'] == 'not run yet'
+  m, se = summary.mean_se([0.05, 0.05, 0.05])
+  assert math.isclose(m, 0.05) and se < 1e-12
+  assert summary.verdict({0: 0.3}, {0: 0.4}) == 'one seed'
+  doc = tmp_path / 'doc.md'
+  doc.write_text('# hand-written head\n\n' + summary.BEGIN + '\nold\n' + summary.END + '\n\nhand-written tail\n')
+  assert summary.main(str(raw), str(doc)) == 0
+  text = doc.read_text()
+  assert text.startswith('# hand-written head') and text.rstrip().endswith('hand-written tail')
+  assert 'old' not in text and '| B | 36 | 36.0 ± 0.6 |' in text  # mean 36.0, s.e. 0.58 points
+  for png in ('error_vs_depth.png', 'test_scales.png', 'warm_start.png'):
+    assert (tmp_path / 'paper_miniature' / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_toy_study_runs_every_step_and_resumes(tmp_path):
+  root, raw = tmp_path / 'study', tmp_path / 'raw'
+  cmd = [sys.executable, STUDY, f'--root={root}', '--toy', '--seeds=1', f'--results={raw}', '--nice=0']
+  out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(1), timeout=1200)
+  assert out.returncode == 0, out.stderr[-4000:]
+  names = [s.name for s in study.plan(str(root), seeds=1, toy=True)]
+  assert f'{len(names)} of {len(names)} steps complete' in out.stderr
+  for name in names[1:]:
+    kind = 'jsonl' if not name.startswith(('table', 'loc_')) else 'json'
+    assert (raw / f'{name}.{kind}').exists(), name
+  t5 = json.loads((raw / 'table5_s0.json').read_text())
+  assert {'dense', 'multicrop', 'dense+multicrop'} <= set(t5['results']['fusion'])
+  loc = json.loads((raw / 'loc_pcr_s0.json').read_text())
+  assert set(loc['protocols']) == {'crop', 'dense'} and 'examples' not in loc
+  warm = (root / 'B_fixed_s0.log').read_text()
+  assert 'warm start from' in warm and 'copied 7 layers' in warm
+  # Everything is there: a second run skips every step; the summary regenerates from the raw results alone.
+  again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(1), timeout=600)
+  assert again.returncode == 0 and again.stderr.count('complete, skipped') == len(names)
+  doc = tmp_path / 'paper_miniature.md'
+  out = subprocess.run([sys.executable, STUDY, f'--root={root}', '--summary', f'--results={raw}', f'--doc={doc}'],
+                       capture_output=True, text=True, env=subprocess_env(1), timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '### Table 3' in doc.read_text() and '| claim |' in doc.read_text()
