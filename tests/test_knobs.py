@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
@@ -207,7 +208,9 @@ def test_knob_validation_names_field_value_and_allowed(field, value, message):
 
 @pytest.mark.slow
 def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile(tmp_path):
+  """Every knob on (float16 with its loss scale, keep_best too): one run of 4 steps, resumed to 8."""
   config = tiny.get_config('A')
+  config.model.dtype, config.train.keep_best, config.train.keep_checkpoints = 'float16', True, 1
   config.train.max_steps, config.train.eval_every_steps, config.train.checkpoint_every_steps = 4, 4, 4
   config.train.ema_decay, config.train.label_smoothing, config.train.profile_steps = 0.5, 0.1, 2
   config.optimizer.clip_norm = 1.0
@@ -222,6 +225,18 @@ def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile
     evals = [r for r in map(json.loads, f) if 'val_top1' in r]
   assert [r['step'] for r in evals] == [4, 8]
   assert all(0 <= r['ema_val_top1'] <= 1 and r['ema_val_loss'] > 0 for r in evals)
+  # float16: the loss scale is logged, checkpointed and resumed (its good-step counter goes on from step 4).
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logs = [r for r in map(json.loads, f) if 'loss' in r]
+  assert all(r['loss_scale'] >= 1 and r['overflow_steps'] >= 0 for r in logs)
+  scale = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '8', 'state'))['loss_scale']
+  assert int(scale['overflows']) == sum(r['overflow_steps'] for r in logs)
+  if not int(scale['overflows']):
+    assert int(scale['counter']) == 8 and float(scale['scale']) == config.train.loss_scale
+  # keep_best: the best val top-1 step is kept beside the last one, and WORKDIR/best reads it.
+  best = max(evals, key=lambda r: (r['val_top1'], r['step']))['step']  # a tie: the later (Orbax's order)
+  assert checkpoints.best_step(workdir) == best
+  assert checkpoints.load_weights(os.path.join(workdir, 'best'))[1]['step'] == best
   trained, _ = checkpoints.load_weights(workdir)
   ema, meta = checkpoints.load_weights(workdir, weights='ema')
   assert meta['weights'] == 'ema' and meta['step'] == 8
@@ -306,25 +321,3 @@ def test_keep_best_keeps_the_best_val_top1_beside_the_last_k(tmp_path):
   assert sorted(ckpt.manager.all_steps()) == [2, 3]
   with pytest.raises(FileNotFoundError, match='train.keep_best=True'):
     checkpoints._resolve(plain / 'best')
-
-
-@pytest.mark.slow
-def test_a_float16_run_logs_and_resumes_its_loss_scale_and_reads_its_best_checkpoint(tmp_path):
-  config = tiny.get_config('A')
-  config.model.dtype, config.train.keep_best, config.train.keep_checkpoints = 'float16', True, 1
-  config.train.max_steps, config.train.eval_every_steps, config.train.checkpoint_every_steps = 4, 2, 2
-  config.train.log_every_steps = 2
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  config.train.max_steps = 6
-  train.train_and_evaluate(config, workdir)  # resumes at step 4 with the checkpointed loss scale
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  logs = [r for r in rows if 'loss' in r]
-  assert [r['step'] for r in logs] == [2, 4, 6]
-  assert all(r['loss_scale'] >= 1 and r['overflow_steps'] >= 0 for r in logs)
-  evals = {r['step']: r['val_top1'] for r in rows if 'val_top1' in r}
-  best = max(evals, key=lambda s: (evals[s], -s))
-  assert checkpoints.best_step(workdir) == best
-  _, meta = checkpoints.load_weights(os.path.join(workdir, 'best'))
-  assert meta['step'] == best

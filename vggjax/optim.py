@@ -118,9 +118,12 @@ def freeze(tx: optax.GradientTransformation, patterns: Sequence[str]) -> FrozenT
   """``tx`` restricted to the layers matching ``patterns`` (top-level keys of the params dict)."""
   patterns = tuple(patterns)
 
+  def layer_labels(layer, tree):  # every leaf of a layer gets the layer's label
+    label = TRAIN if is_trainable(layer, patterns) else FROZEN
+    return jax.tree_util.tree_map(lambda _: label, tree)
+
   def labels(params):
-    return {k: jax.tree_util.tree_map(lambda _, lab=(TRAIN if is_trainable(k, patterns) else FROZEN): lab, v)
-            for k, v in params.items()}
+    return {k: layer_labels(k, v) for k, v in params.items()}
 
   mt = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
   return FrozenTransformation(mt.init, mt.update, patterns)
