@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
-pytest.importorskip('libtpu', reason='the TPU compiler (pip install "vggjax[tpu]")')
+pytest.importorskip('libtpu', reason='the TPU compiler (pip install "vggjax[tpu-plan]")')
 
 from vggjax import hardware, models, plan  # noqa: E402
 from vggjax.aot import analysis, hlo, roofline, search  # noqa: E402

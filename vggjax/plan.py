@@ -8,7 +8,7 @@
 Before a pod is booked, the question is whether the config fits in a chip's memory, how fast it could go and
 what the paper's schedule would cost. The plan compiles the steps ``vggjax.main`` would run with the config
 (train, validation, dense evaluation) for the slice, with libtpu as a compiler only (``pip install
-'vggjax[tpu]'``): nothing is allocated and nothing runs, no TPU is claimed or touched (the process's own
+'vggjax[tpu-plan]'``): nothing is allocated and nothing runs, no TPU is claimed or touched (the process's own
 backend is the CPU). Per step it reports the compiler's memory per chip against the chip's HBM, its FLOPs
 beside the analytic count, the collectives of the compiled program (ICI or DCN) and an ESTIMATED step time, a
 roofline, never a measurement; from it images/s, MFU and the schedule's cost (days, chip-hours), and the

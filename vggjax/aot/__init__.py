@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the real steps: what `vggjax plan` and `vggjax benchmark` stand on.
 
 JAX compiles ahead of time for a TPU slice that is not attached: with libtpu installed (``pip install
-'vggjax[tpu]'``), ``jax.experimental.topologies.get_topology_desc`` gives the slice's devices on any machine
+'vggjax[tpu-plan]'``), ``jax.experimental.topologies.get_topology_desc`` gives the slice's devices on any machine
 and ``jax.jit(...).lower(abstract arguments).compile()`` runs the real TPU compiler for them. On attached
 devices (GPUs, or this machine's CPU) the same lowering compiles for them.
 

@@ -79,7 +79,7 @@ def tpu_target(topology: str, num_slices: int = 1, dtype: str = 'bfloat16', ici_
   except RuntimeError as e:
     if 'not installed' in str(e):
       raise PlanError('libtpu is not installed: it is the TPU compiler the plan needs (pip install '
-                      '"vggjax[tpu]", about 500 MB; no TPU needed)') from e
+                      '"vggjax[tpu-plan]", about 500 MB; no TPU needed)') from e
     raise PlanError(f'{sl.describe()}: libtpu rejected the topology {sl.topology_kwargs()}: {e}') from e
   devices = sorted(topo.devices, key=lambda d: (d.process_index, d.id))  # as parallel.devices_in_order
   if len(devices) != sl.chips:
