@@ -19,8 +19,8 @@ from vggjax import cli, models
 
 # A flag of each command's own, which its --help must list.
 OWN_FLAG = {'train': '--workdir', 'evaluate': '--protocols', 'predict': '--checkpoint', 'features': '--out',
-            'convert': '--from', 'prepare': '--config', 'benchmark': '--batch', 'plan': '--topology',
-            'transfer': '--classifier', 'localize': '--localizer'}
+            'convert': '--from', 'export': '--format', 'prepare': '--config', 'benchmark': '--batch',
+            'plan': '--topology', 'transfer': '--classifier', 'localize': '--localizer'}
 
 
 def vggjax_cmd(*args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
