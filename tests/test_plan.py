@@ -344,6 +344,48 @@ def test_impossible_batch_is_reported():
   assert 'OUT OF MEMORY' in r.stdout and 'does not fit' in r.stderr
 
 
+def test_topology_compiles_leave_the_persistent_cache_alone():
+  """A compile-only TPU topology has no client to load a cached executable with: its compiles neither write
+  nor read JAX's persistent compilation cache (the session's, tests/conftest.py), so the second compile does
+  not warn "Error reading persistent compilation cache entry", and the cache is on again afterwards."""
+  import pathlib
+  import warnings
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from vggjax.aot.target import compile_step
+
+  cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+  target = tpu_target('v5litepod-8')
+  sharding = NamedSharding(Mesh(np.array(target.devices), ('d',)), PartitionSpec('d'))
+
+  def topology_cache_probe(x):
+    return jnp.sin(x) * 2
+
+  fn = jax.jit(topology_cache_probe, in_shardings=sharding, out_shardings=sharding)
+  arg = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=sharding)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    for _ in range(2):
+      assert compile_step(fn, (arg,), 'probe', target, lambda _: None).ok
+  assert not [w for w in caught if 'persistent compilation cache' in str(w.message)]
+  assert not list(cache.glob('jit_topology_cache_probe-*'))
+
+  def attached_cache_probe(x):
+    return jnp.cos(x) + 1
+
+  min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  try:
+    jax.jit(attached_cache_probe).lower(jnp.ones(3)).compile()
+  finally:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_seconds)
+  assert jax.config.jax_enable_compilation_cache and list(cache.glob('jit_attached_cache_probe-*'))
+
+
 def test_unknown_topology_lists_the_known():
   r = _run(['--topology=v7-8', '--steps=train'], timeout=300)
   assert r.returncode != 0 and 'v5litepod-N' in r.stderr and 'v6e-N' in r.stderr

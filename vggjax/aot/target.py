@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 from jax.experimental import topologies
+from jax.experimental.compilation_cache import compilation_cache
 
 from vggjax import hardware
 from vggjax.aot import analysis
@@ -35,13 +36,15 @@ class Target:
   dcn_bytes_per_s: float | None  # per chip
   device_kind: str
   notes: list[str] = dataclasses.field(default_factory=list)
+  compile_only: bool = False  # devices of a topology, not of a client: no persistent compilation cache
 
   @property
   def chips(self) -> int:
     return len(self.devices)
 
   def to_dict(self) -> dict:
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != 'devices'}
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+         if f.name not in ('devices', 'compile_only')}
     d['chips'] = self.chips
     return d
 
@@ -98,7 +101,7 @@ def tpu_target(topology: str, num_slices: int = 1, dtype: str = 'bfloat16', ici_
                 hbm_bytes_per_s=chip.hbm_bytes_per_s,
                 ici_bytes_per_s=ici_gbps * 1e9 / 8 if ici_gbps else chip.ici_allreduce_bytes_per_s,
                 dcn_bytes_per_s=dcn_gbps * 1e9 / 8 if dcn_gbps else chip.dcn_bytes_per_s,
-                device_kind=devices[0].device_kind, notes=notes)
+                device_kind=devices[0].device_kind, notes=notes, compile_only=True)
 
 
 def attached_target(devices: list, dtype: str = 'bfloat16', hbm_bytes: int = 0) -> Target:
@@ -160,6 +163,22 @@ class Compiled:
   oom: bool = False
 
 
+@contextlib.contextmanager
+def no_persistent_cache():
+  """JAX's persistent compilation cache off inside, as it was outside. A compile-only TPU topology has no
+  client to load an executable with: reading a cached entry warns ("PjRtCompiler must be constructed with a
+  Client") and writing one stores what nothing can load. JAX decides once per process whether it uses the
+  cache (compilation_cache.is_cache_used), so that decision is reset on the way in and on the way out."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
+
+
 def _compile(lowered, compiler_options: dict | None):
   if not compiler_options:
     return lowered.compile()
@@ -178,7 +197,8 @@ def compile_step(fn, args: tuple, what: str, target: Target, log: Callable[[str]
   log(f'compiling the {what} for {target.name} ...')
   t0 = time.perf_counter()
   try:
-    compiled = _compile(fn.lower(*args), compiler_options)
+    with no_persistent_cache() if target.compile_only else contextlib.nullcontext():
+      compiled = _compile(fn.lower(*args), compiler_options)
   except Exception as e:  # noqa: BLE001 (the compiler's own error types differ per backend)
     message = str(e).strip()
     seconds = time.perf_counter() - t0
