@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -22,8 +23,9 @@ import jax
 import numpy as np
 
 
-def vggjax_engines(batch_sizes, threads, skip):
-  """{name: fn(uint8 batch)} for vggjax's jit, the StableHLO artefact and ONNX Runtime on our ONNX."""
+def vggjax_engines(directory, threads, skip):
+  """{name: fn(uint8 batch)} for vggjax's jit, the StableHLO artefact and ONNX Runtime on our ONNX (the
+  weights and artefacts, about 2 GB, written under `directory`)."""
   from vggjax import checkpoints, export, models
   meta = {'model': {'name': 'vgg16', 'num_classes': 1000, 'image_size': 224},
           'normalization': {'mean': [123.675, 116.28, 103.53], 'std': [58.395, 57.12, 57.375]},
@@ -33,7 +35,6 @@ def vggjax_engines(batch_sizes, threads, skip):
   variables = jax.tree_util.tree_map(
       lambda s: (rng.randn(*s.shape) * np.sqrt(2.0 / max(1, np.prod(s.shape[:-1])))).astype(np.float32),
       models.variable_shapes(model))
-  directory = tempfile.mkdtemp(prefix='export-bench-')
   checkpoints.save_weights(os.path.join(directory, 'weights'), variables, meta)
   servable = export.load(os.path.join(directory, 'weights'))
   engines = {}
@@ -85,8 +86,16 @@ def main():
   args = parser.parse_args()
   batch_sizes = [int(b) for b in args.batches.split(',')]
   skip = set(filter(None, args.skip.split(',')))
+  directory = tempfile.mkdtemp(prefix='export-bench-')
+  try:
+    engines = {**vggjax_engines(directory, args.threads, skip), **torch_engines(args.threads, skip)}
+    run(engines, batch_sizes, args.rounds, args.threads)
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(engines, batch_sizes, rounds, threads):
   import torch
-  engines = {**vggjax_engines(batch_sizes, args.threads, skip), **torch_engines(args.threads, skip)}
   rng = np.random.RandomState(1)
   inputs = {}
   for b in batch_sizes:
@@ -97,17 +106,17 @@ def main():
   for name, fn in engines.items():  # warm-up: compiles, allocations
     for b in batch_sizes:
       fn(inputs[b][1] if name.startswith(('PyTorch', 'torch')) else inputs[b][0])
-  for r in range(args.rounds):
+  for r in range(rounds):
     for b in batch_sizes:
       for name, fn in engines.items():
         x = inputs[b][1] if name.startswith(('PyTorch', 'torch')) else inputs[b][0]
         start = time.perf_counter()
         fn(x)
         times[name, b].append(time.perf_counter() - start)
-    print(f'round {r + 1}/{args.rounds} done', flush=True)
+    print(f'round {r + 1}/{rounds} done', flush=True)
   eager = {b: b / statistics.median(times['PyTorch eager', b]) for b in batch_sizes}
-  print(f'\nVGG16 float32 224x224, {args.threads} threads, median of {args.rounds} interleaved rounds')
-  print(f'| engine | ' + ' | '.join(f'batch {b} img/s (x eager)' for b in batch_sizes) + ' |')
+  print(f'\nVGG16 float32 224x224, {threads} threads, median of {rounds} interleaved rounds')
+  print('| engine | ' + ' | '.join(f'batch {b} img/s (x eager)' for b in batch_sizes) + ' |')
   print('|---|' + '---|' * len(batch_sizes))
   for name in engines:
     cells = []

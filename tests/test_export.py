@@ -11,9 +11,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import reference_module, subprocess_env
-from vggjax import checkpoints, cli, export, predict
+
+from vggjax import checkpoints, cli, export, models, predict
 from vggjax.configs import tiny
 from vggjax.evaluation import inference
 
@@ -55,11 +55,11 @@ def random_variables(model, seed: int, input_scale: float) -> dict:
       return (rng.randn(*s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1])) / (input_scale if first else 1)
               ).astype(np.float32)
     return (rng.randn(*s.shape) * 0.1).astype(np.float32)
-  from vggjax import models
   return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model))
 
 
-CONFIGS = {'A': dict(net='A'), 'B_bn_bgr': dict(net='B', bgr=True, bn=True), 'A_pcr': dict(net='A', head='pcr')}
+CONFIGS = {'A': {'net': 'A'}, 'B_bn_bgr': {'net': 'B', 'bgr': True, 'bn': True},
+           'A_pcr': {'net': 'A', 'head': 'pcr'}}
 
 
 @pytest.fixture(scope='module')
@@ -112,7 +112,7 @@ def references(weights, images):
   """{name: {'fixed': outputs, 'dense': [outputs per size], 'single'/'dense_posteriors': predict's}}: what
   vggjax computes, once per config (both formats are compared with it)."""
   out = {}
-  for name, (_, variables, meta) in weights.items():
+  for name in weights:
     dense = images['dense'] if name == FULL else images['dense'][:1]
     ref = {'fixed': reference(weights, name, images['fixed'], 'fixed'),
            'dense': [reference(weights, name, b, 'dense') for b in dense]}
