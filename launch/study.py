@@ -10,10 +10,13 @@ warm start, on the study task (launch/study_data.py), narrow nets (configs/paper
 (`python launch/paper.py --study ...` is the same command.) Per seed s, in order (seed 0 whole first, so a
 partial study already fills every table once):
 
-    A_fixed, A-LRN_fixed                       Glorot from scratch, S = 36 (the 32 crop's 256)
+    A_pre, A-LRN_pre, D_pre, E_pre             Glorot, plain Fashion-MNIST (the curriculum stage of a net
+                                               from scratch: configs/paper_mini.py says why)
+    A_fixed, A-LRN_fixed                       every layer of {net}_pre, S = 36 (the 32 crop's 256)
     B_fixed ... E_fixed                        from A_fixed (the paper's seven layers)
     C_jitter, D_jitter, E_jitter               every layer of {net}_fixed, S ~ U[36, 72], lr 1e-3
-    D_scratch, E_scratch                       Glorot from scratch (the warm start's comparison)
+    D_scratch, E_scratch                       every layer of {net}_pre: no layer of A (the warm start's
+                                               comparison)
     D_pcr, D_scr, D_pcr-fc                     Appendix A: box regressors from D_fixed (all layers; fc only)
     table3   dense at one test scale, every classifier               (Table 3)
     table4f  dense at Q = 32, 36, 40, C, D, E fixed                  (Table 4)
@@ -70,7 +73,9 @@ def _train(root: str, python: str, data: str, seed: int, name: str, arg: str, pa
            extra: list[str]) -> Step:
   workdir = os.path.join(root, f'{name}_s{seed}')
   argv = [python, '-m', 'vggjax.main', f'--config={CONFIG}:{arg}', f'--workdir={workdir}',
-          f'--config.seed={seed}', f'--config.data.data_dir={data}']
+          f'--config.seed={seed}']
+  if not arg.endswith(',pre'):  # the curriculum stage reads Fashion-MNIST itself, not the task
+    argv.append(f'--config.data.data_dir={data}')
   if parent:
     argv.append(f'--config.init_from={os.path.join(root, f"{parent}_s{seed}")}')
   if name.endswith('-fc'):
@@ -97,20 +102,23 @@ def plan(root: str, seeds: int = 3, python: str = sys.executable, toy: bool = Fa
   steps = [Step('task', 'data', [python, os.path.join(HERE, 'study_data.py'), f'--out={data}',
                                  f'--counts={counts}'] + (['--wallpaper_dirs='] if toy else []), [], data, os.path.join(data, 'manifest.json'))]
   train_extra = [f'--config.{s}' for s in TOY_SET] if toy else []
-  eval_extra: list[str] = []
+  eval_extra = ['--aspect_buckets=1.5'] if toy else []  # toy: one compiled dense shape per test scale
   for seed in range(seeds):
-    def train(name, arg, parent=None):
-      step = _train(root, python, data, seed, name, arg, parent, train_extra)
+    def train(name, arg, parent=None, all_layers=False):
+      extra = train_extra + (['--config.init_layers=all'] if all_layers else [])
+      step = _train(root, python, data, seed, name, arg, parent, extra)
       step.parents.append('task')
       steps.append(step)
-    train('A_fixed', 'A,fixed')
-    train('A-LRN_fixed', 'A-LRN,fixed')
+    for net in ('A', 'A-LRN', 'D', 'E'):  # the curriculum stage of every net that starts from scratch
+      train(f'{net}_pre', f'{net},pre')
+    train('A_fixed', 'A,fixed', 'A_pre', all_layers=True)
+    train('A-LRN_fixed', 'A-LRN,fixed', 'A-LRN_pre', all_layers=True)
     for net in 'BCDE':
       train(f'{net}_fixed', f'{net},fixed', 'A_fixed')
     for net in 'CDE':
       train(f'{net}_jitter', f'{net},jitter', f'{net}_fixed')
     for net in 'DE':
-      train(f'{net}_scratch', f'{net},fixed')
+      train(f'{net}_scratch', f'{net},fixed', f'{net}_pre', all_layers=True)
     for head, arg in LOCALIZERS.items():
       train(f'D_{head}', arg, 'D_fixed')
     steps.append(_eval(root, python, data, seed, 'table3', list(CLASSIFIERS), 'dense', False, eval_extra))

@@ -6,7 +6,7 @@ this one is made from real pictures that do (benchmarks/make_box_testbed.py's co
 of object sizes and many more backgrounds):
 
 * objects: Fashion-MNIST items (Debian's ``dataset-fashion-mnist``), cut out by their own intensity (a soft
-  alpha mask), tinted, their longer side 25-80% of the picture's shorter side, at a uniformly random position.
+  alpha mask), tinted, their longer side 35-90% of the picture's shorter side, at a uniformly random position.
   The training pictures take items of Fashion-MNIST's training split, validation and test pictures items
   of its test split: no item is seen both in training and in testing;
 * backgrounds: the photographs and artwork of Debian's wallpaper packages (plasma-workspace-wallpapers,
@@ -44,7 +44,7 @@ from benchmarks import make_box_testbed as testbed  # noqa: E402  (compose, phot
 WALLPAPER_DIRS = ('/usr/share/wallpapers', '/usr/share/backgrounds')
 SHORT_SIDE = 80
 LONG_SIDES = (80, 90, 100, 110, 120)
-OBJECT_FRACTION = (0.25, 0.8)
+OBJECT_FRACTION = (0.35, 0.9)
 HELD_OUT = 0.2  # the fraction of the photographs kept for the validation and test pictures
 PHOTO_SIDE = 480  # each background is kept in memory at this shorter side
 SPLITS = ('train', 'val', 'test')
@@ -159,7 +159,7 @@ def examples(root, path, n: int = 24, columns: int = 8) -> pathlib.Path:
     x0, y0, x1, y1 = table[name][0]
     ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color='yellow', lw=1.5))
     ax.set_title(name.split('/')[1].split('_', 1)[1], fontsize=9)
-  fig.suptitle('The study task: Fashion-MNIST items at 25-80% of the shorter side on real photographs '
+  fig.suptitle('The study task: Fashion-MNIST items at 35-90% of the shorter side on real photographs '
                '(yellow: the box)', fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=80)

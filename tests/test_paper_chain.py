@@ -1,7 +1,7 @@
 """launch/paper.py, the paper's whole training chain as one plan: the dry run; the --tiny chain end to end."""
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 
@@ -53,25 +53,27 @@ def test_dry_run_prints_the_whole_chain_in_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_chain_runs_end_to_end_and_resumes(tmp_path):
+def test_tiny_chain_runs_a_net_through_every_scale_and_resumes(tmp_path):
+  """One net through the chain's every kind of step (A at 256 from scratch, D at 256 from A's seven layers,
+  D at 384 and jittered from the step before, every layer), run by --only as a user runs part of a plan. The whole plan's order and commands are the dry run's test above;
+  the study's toy chain (tests/test_study.py) runs every net and every evaluation."""
   root = tmp_path / 'chain'
-  out = _paper('--root', str(root), '--tiny', timeout=900)
+  only = ['--only', 'A256', 'D256', 'D384', 'Djitter']
+  out = _paper('--root', str(root), '--tiny', *only, timeout=900)
   log = out.stdout + out.stderr
   assert out.returncode == 0, log[-4000:]
-  for name in TRAIN_STEPS:
+  for name in ('A256', 'D256', 'D384', 'Djitter'):
     rows = [json.loads(x) for x in (root / name / 'metrics.jsonl').read_text().splitlines()]
     assert max(r['step'] for r in rows) == 8 and any('val_top1' in r for r in rows), name
-  # The S=384 and jitter runs copied every layer of their parent; B-E at 256 the paper's seven of A.
-  assert f'warm start from {root}/D256 (vgg16): copied 16 layers' in log
-  assert f'warm start from {root}/E384 (vgg19): copied 19 layers' in log
+  # The S=384 and jitter runs copied every layer of their parent; D at 256 the paper's seven of A.
   assert f'warm start from {root}/A256 (vgg11): copied 7 layers' in log
-  assert 'starts from scratch' not in log  # B-E all had init_from
-  t3 = json.loads((root / 'table3' / 'eval.json').read_text())
-  t5 = json.loads((root / 'table5' / 'eval.json').read_text())
-  assert 'dense' in json.dumps(t3) and 'multicrop' in json.dumps(t5)
-  # A half-done chain resumes: only the missing step runs.
-  os.remove(root / 'table5' / 'eval.json')
-  out = _paper('--root', str(root), '--tiny')
+  assert f'warm start from {root}/D256 (vgg16): copied 16 layers' in log
+  assert f'warm start from {root}/D384 (vgg16): copied 16 layers' in log
+  assert 'starts from scratch' not in log
+  # A step whose parents are not in the plan's run fails in one line; a half-done part resumes.
+  out = _paper('--root', str(root), '--tiny', '--only', 'Ejitter')
+  assert out.returncode == 1 and 'its parents E384 are not complete' in out.stderr
+  shutil.rmtree(root / 'Djitter')
+  out = _paper('--root', str(root), '--tiny', *only)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stderr.count('complete, skipped') == 13 and '[14/14] table5: ' in out.stderr
-  assert (root / 'table5' / 'eval.json').exists()
+  assert out.stderr.count('complete, skipped') == 3 and '[4/4] Djitter: ' in out.stderr

@@ -20,14 +20,16 @@ STUDY = str(REPO / 'launch' / 'study.py')
 def test_plan_runs_parents_first_and_seed_by_seed(tmp_path):
   steps = study.plan(str(tmp_path), seeds=2)
   names = [s.name for s in steps]
-  assert names[0] == 'task' and len(names) == 1 + 2 * (14 + 4 + 3)
+  assert names[0] == 'task' and len(names) == 1 + 2 * (18 + 4 + 3)
   assert names.index('A_fixed_s1') > names.index('loc_pcr-fc_s0')  # seed 0 whole first
   for i, s in enumerate(steps):
     assert all(names.index(p) < i for p in s.parents), s.name
   by = {s.name: s for s in steps}
   assert f'--config.init_from={tmp_path}/A_fixed_s0' in by['E_fixed_s0'].argv
   assert f'--config.init_from={tmp_path}/D_fixed_s1' in by['D_jitter_s1'].argv
-  assert not any('init_from' in a for a in by['D_scratch_s0'].argv)
+  assert f'--config.init_from={tmp_path}/D_pre_s0' in by['D_scratch_s0'].argv  # no layer of A
+  assert '--config.init_layers=all' in by['A_fixed_s0'].argv and not any('data_dir' in a for a in by['E_pre_s1'].argv)
+  assert not any('init_from' in a for a in by['A_pre_s0'].argv)
   assert '--config.train.trainable=fc*' in by['D_pcr-fc_s0'].argv
   assert '--config.seed=1' in by['B_fixed_s1'].argv
   assert '--scales=32,36,40' in by['table4f_s0'].argv and '--multiscale' in by['table4j_s0'].argv
@@ -55,7 +57,8 @@ def test_verdicts_follow_the_per_seed_differences(tmp_path):
   assert got['B (13 layers) beats A (11)'] == 'reproduced'
   assert got['D (3x3 convs) beats C (1x1 convs in blocks 3-5)'] == 'contradicted'
   assert got['D (16) beats B (13)'] == 'not distinguishable'  # differences 1, -2, 1 points
-  assert got['E (19) beats D (16), with jitter'] == 'not run yet'
+  assert got['E (19) no worse than D (16), with jitter'] == 'not run yet'
+  assert summary.verdict({0: .3, 1: .31}, {0: .31, 1: .3}, no_better=True) == 'reproduced: no difference'
   m, se = summary.mean_se([0.05, 0.05, 0.05])
   assert math.isclose(m, 0.05) and se < 1e-12
   assert summary.verdict({0: 0.3}, {0: 0.4}) == 'one seed'
