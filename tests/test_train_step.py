@@ -285,7 +285,7 @@ def test_warm_start_copies_exactly_the_named_layers(tmp_path):
 @pytest.mark.parametrize('field,value,message', [
     ('model.name', 'vgg17', 'one of vgg11, vgg11_lrn'),
     ('model.init', 'he', 'one of paper, glorot, torchvision'),
-    ('model.dtype', 'float16', 'one of float32, bfloat16'),
+    ('model.dtype', 'float64', 'one of float32, bfloat16, float16'),
     ('data.source', 'imagenet', 'one of tfds, folder'),
     ('data.image_size', 100, 'a multiple of 32'),
     ('data.scale_min', 200, 'at least data.image_size'),
