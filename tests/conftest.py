@@ -136,9 +136,9 @@ SPREAD = frozenset({'test_recipe', 'test_localize', 'test_paper_chain', 'test_tr
 
 # The longest modules first (their summed test times in a CI run, longest first), so that no long group
 # starts last while the other worker idles; the rest keep their order.
-LONGEST_FIRST = ('test_paper_chain', 'test_e2e_runs', 'test_cli', 'test_preemption', 'test_slurm',
+LONGEST_FIRST = ('test_study', 'test_paper_chain', 'test_e2e_runs', 'test_cli', 'test_preemption', 'test_slurm',
                  'test_localize', 'test_convert', 'test_knobs', 'test_recipe', 'test_transfer', 'test_train_step',
-                 'test_models', 'test_plan', 'test_notebook', 'test_gcs')
+                 'test_models', 'test_plan', 'test_export', 'test_tracker', 'test_notebook', 'test_gcs')
 
 
 def pytest_collection_modifyitems(config, items):
