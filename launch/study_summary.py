@@ -211,6 +211,19 @@ def tables(raw) -> str:
   return '\n'.join(lines)
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: str, fontsize=None) -> str:
+  """Labels, title and legend (where something is labelled) of a plot; saves it to `path` and closes it."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=fontsize)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
 def plots(raw, out_dir: str) -> list[str]:
   import matplotlib
   matplotlib.use('Agg')
@@ -231,15 +244,9 @@ def plots(raw, out_dir: str) -> list[str]:
       ax.errorbar(xs, ms, yerr=ses, marker=marker, capsize=3, label=f'train S {scale}')
   for n in 'ABCDE':
     ax.annotate(n, (NET_DEPTH[n] + (0.3 if n == 'D' else 0), ax.get_ylim()[1]), ha='center', va='top')
-  ax.set_xlabel('weight layers (C: 16 with 1x1 convs; D: 16 with 3x3, drawn at 16.3)')
-  ax.set_ylabel('top-1 test error (%)')
-  ax.set_title('Error vs depth (Table 3 in miniature; mean ± s.e. over seeds)')
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend()
-  fig.tight_layout()
-  written.append(os.path.join(out_dir, 'error_vs_depth.png'))
-  fig.savefig(written[-1], dpi=90)
-  plt.close(fig)
+  written.append(_finish(plt, fig, ax, 'weight layers (C: 16 with 1x1 convs; D: 16 with 3x3, drawn at 16.3)',
+                         'top-1 test error (%)',
+                         'Error vs depth (Table 3 in miniature; mean ± s.e. over seeds)', os.path.join(out_dir, 'error_vs_depth.png')))
   # Test-scale curves: error at each single Q of Table 4's evaluation.
   fig, ax = plt.subplots(figsize=(6, 4))
   for n in ('C_fixed', 'D_fixed', 'E_fixed', 'C_jitter', 'D_jitter', 'E_jitter'):
@@ -254,15 +261,8 @@ def plots(raw, out_dir: str) -> list[str]:
       stats = [mean_se([v / 100 for v in per_q[q]]) for q in qs]
       ax.errorbar(qs, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
                   marker='o', capsize=3, ls='-' if 'fixed' in n else '--', label=n.replace('_', ', S '))
-  ax.set_xlabel('test scale Q (shorter side, pixels)')
-  ax.set_ylabel('top-1 test error (%)')
-  ax.set_title('Test-scale curves (Table 4 in miniature)')
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  written.append(os.path.join(out_dir, 'test_scales.png'))
-  fig.savefig(written[-1], dpi=90)
-  plt.close(fig)
+  written.append(_finish(plt, fig, ax, 'test scale Q (shorter side, pixels)', 'top-1 test error (%)',
+                         'Test-scale curves (Table 4 in miniature)', os.path.join(out_dir, 'test_scales.png'), fontsize=8))
   # Warm start vs scratch.
   fig, ax = plt.subplots(figsize=(6, 4))
   for n, colour in (('D', 'C0'), ('E', 'C1')):
@@ -272,15 +272,8 @@ def plots(raw, out_dir: str) -> list[str]:
         if pts:
           ax.plot([p[0] for p in pts], [100 * (1 - p[1]) for p in pts], ls=ls, color=colour, alpha=0.8,
                   label=f'{n} {"from A" if kind == "fixed" else "from scratch"}' if i == 0 else None)
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('top-1 validation error (%)')
-  ax.set_title('Warm start from A vs from scratch (its own curriculum; one line per seed)')
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend()
-  fig.tight_layout()
-  written.append(os.path.join(out_dir, 'warm_start.png'))
-  fig.savefig(written[-1], dpi=90)
-  plt.close(fig)
+  written.append(_finish(plt, fig, ax, 'epoch', 'top-1 validation error (%)',
+                         'Warm start from A vs from scratch (its own curriculum; one line per seed)', os.path.join(out_dir, 'warm_start.png')))
   return written
 
 
