@@ -245,8 +245,8 @@ def plots(raw, out_dir: str) -> list[str]:
   for n in 'ABCDE':
     ax.annotate(n, (NET_DEPTH[n] + (0.3 if n == 'D' else 0), ax.get_ylim()[1]), ha='center', va='top')
   written.append(_finish(plt, fig, ax, 'weight layers (C: 16 with 1x1 convs; D: 16 with 3x3, drawn at 16.3)',
-                         'top-1 test error (%)',
-                         'Error vs depth (Table 3 in miniature; mean ± s.e. over seeds)', os.path.join(out_dir, 'error_vs_depth.png')))
+                         'top-1 test error (%)', 'Error vs depth (Table 3 in miniature; mean ± s.e. over seeds)',
+                         os.path.join(out_dir, 'error_vs_depth.png')))
   # Test-scale curves: error at each single Q of Table 4's evaluation.
   fig, ax = plt.subplots(figsize=(6, 4))
   for n in ('C_fixed', 'D_fixed', 'E_fixed', 'C_jitter', 'D_jitter', 'E_jitter'):
