@@ -30,7 +30,8 @@ that reached its last step, an evaluation with its eval.json) and resumes an int
 its checkpoint; a failed step is reported and the steps that need it are left for the next run, the others go
 on. Every finished step's raw result (metrics.jsonl of a training run, eval.json of an evaluation) is copied
 to RESULTS/NAME_sS.json[l] (default docs/paper_miniature/raw), which `--summary` reads: the tables regenerate
-without retraining. The steps run niced (--nice, default 10) with a compilation cache under ROOT.
+without retraining. The steps run niced (--nice, default 10) with a compilation cache under ROOT, --jobs of them at a time
+(each as soon as its parents are complete).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def save_result(step: Step, results: str, root: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
   root = os.path.abspath(args.root)
-  steps = plan(root, args.seeds, args.python, args.toy)
+  everything = plan(root, args.seeds, args.python, args.toy)
+  steps = everything
   if args.only:
     steps = [s for s in steps if any(s.name == o or s.name.startswith(o + '_s') for o in args.only)]
   if args.dry_run:
@@ -180,41 +182,66 @@ def run(args: argparse.Namespace) -> int:
   env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   env.setdefault('JAX_PLATFORMS', 'cpu')
   log_path = os.path.join(root, 'study.jsonl')
-  done, failed = set(), []
+  index = {s.name: i for i, s in enumerate(steps, 1)}
+  done, failed, left_out, running = set(), [], set(), {}  # running: name -> (step, process, log, start time)
   t_start = time.time()
-  for i, step in enumerate(steps, 1):
-    head = f'[{i}/{len(steps)}] {step.name}'
+  for step in steps:
     if status(step) == 'complete':
       done.add(step.name)
       if not os.path.exists(_result_path(step, args.results)):
         save_result(step, args.results, root)
-      print(f'# {head}: complete, skipped', file=sys.stderr)
-      continue
-    missing = [p for p in step.parents if p not in done]
-    if missing:
-      print(f'# {head}: waits for {", ".join(missing)} (not complete); left for the next run', file=sys.stderr)
-      continue
-    print(f'# {head}: {shlex.join(step.argv)}  ({(time.time() - t_start) / 60:.1f} min so far)',
-          file=sys.stderr, flush=True)
-    t0 = time.time()
-    os.makedirs(step.workdir if step.kind != 'data' else root, exist_ok=True)
-    cmd = (['nice', '-n', str(args.nice)] if args.nice else []) + step.argv
-    log = open(os.path.join(root, f'{step.name}.log'), 'w')
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    ok = proc.returncode == 0 and status(step) == 'complete'
-    with open(log_path, 'a') as f:
-      f.write(json.dumps({'step': step.name, 'returncode': proc.returncode, 'complete': ok,
-                          'seconds': round(time.time() - t0, 1), 'finished': time.strftime('%Y-%m-%dT%H:%M:%S')})
-              + '\n')
-    if ok:
+      print(f'# [{index[step.name]}/{len(steps)}] {step.name}: complete, skipped', file=sys.stderr)
+  pending = [s for s in steps if s.name not in done]
+  known = {s.name for s in steps}
+  for step in everything:  # --only: the parents outside the selection count if they are complete
+    if step.name not in known and status(step) == 'complete':
       done.add(step.name)
-      save_result(step, args.results, root)
-      print(f'# {head}: done in {time.time() - t0:.0f} s', file=sys.stderr, flush=True)
-    else:
-      failed.append(step.name)
-      print(f'# {head}: failed (exit status {proc.returncode}); its log: {root}/{step.name}.log', file=sys.stderr,
-            flush=True)
+  while pending or running:
+    # Start the first pending steps whose parents are complete, in the plan's order, up to --jobs at a time
+    # (the steps of different seeds are independent: two at a time keep both cores busy, as one small net's
+    # step does not). A step whose parent failed, or is not in this run (--only), is left for the next run.
+    for step in list(pending):
+      if len(running) >= args.jobs:
+        break
+      blocked = [p for p in step.parents if p not in done and (p in failed or p in left_out or p not in known)]
+      if blocked:
+        pending.remove(step)
+        left_out.add(step.name)
+        print(f'# [{index[step.name]}/{len(steps)}] {step.name}: waits for {", ".join(blocked)} (not '
+              'complete); left for the next run', file=sys.stderr)
+        continue
+      if any(p not in done for p in step.parents):
+        continue
+      pending.remove(step)
+      print(f'# [{index[step.name]}/{len(steps)}] {step.name}: {shlex.join(step.argv)}  '
+            f'({(time.time() - t_start) / 60:.1f} min so far)', file=sys.stderr, flush=True)
+      os.makedirs(step.workdir if step.kind != 'data' else root, exist_ok=True)
+      cmd = (['nice', '-n', str(args.nice)] if args.nice else []) + step.argv
+      log = open(os.path.join(root, f'{step.name}.log'), 'w')
+      proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+      running[step.name] = (step, proc, log, time.time())
+    if not running:
+      continue  # the pass above left out every step it could not start: the plan lists parents first
+    time.sleep(0.5)
+    for name, (step, proc, log, t0) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      del running[name]
+      log.close()
+      ok = proc.returncode == 0 and status(step) == 'complete'
+      with open(log_path, 'a') as f:
+        f.write(json.dumps({'step': name, 'returncode': proc.returncode, 'complete': ok,
+                            'seconds': round(time.time() - t0, 1),
+                            'finished': time.strftime('%Y-%m-%dT%H:%M:%S')}) + '\n')
+      head = f'[{index[name]}/{len(steps)}] {name}'
+      if ok:
+        done.add(name)
+        save_result(step, args.results, root)
+        print(f'# {head}: done in {time.time() - t0:.0f} s', file=sys.stderr, flush=True)
+      else:
+        failed.append(name)
+        print(f'# {head}: failed (exit status {proc.returncode}); its log: {root}/{name}.log', file=sys.stderr,
+              flush=True)
   left = [s.name for s in steps if s.name not in done]
   print(f'# {len(done)} of {len(steps)} steps complete' + (f'; failed: {", ".join(failed)}' if failed else '') +
         (f'; run the same command again for the other {len(left)}' if left else ''), file=sys.stderr)
@@ -235,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--toy', action='store_true', help='the whole chain at toy size: tiny task, nets and runs')
   p.add_argument('--only', nargs='+', default=[], metavar='STEP', help='only these steps (NAME or NAME_sS)')
   p.add_argument('--nice', type=int, default=10, help='niceness of the steps (0: not niced)')
+  p.add_argument('--jobs', type=int, default=1,
+                 help='steps run at a time, each as soon as its parents are complete (default 1; 2 on 2 cores: '
+                      'the steps of different seeds are independent)')
   p.add_argument('--python', default=sys.executable, help='the Python that runs vggjax (default: this one)')
   p.add_argument('--dry-run', action='store_true', help='print every command in order; run nothing')
   p.add_argument('--summary', action='store_true', help='write the tables and plots from RESULTS; train nothing')
@@ -247,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   if args.seeds < 1:
     print(f'study.py: error: --seeds must be at least 1, got {args.seeds}', file=sys.stderr)
+    return 2
+  if args.jobs < 1:
+    print(f'study.py: error: --jobs must be at least 1, got {args.jobs}', file=sys.stderr)
     return 2
   if args.summary:
     sys.path.insert(0, HERE)

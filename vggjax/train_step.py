@@ -19,6 +19,7 @@ exports these names too).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax
@@ -90,7 +91,26 @@ def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh
   (``ema``: with an EMA of the parameters, starting at them; ``loss_scale`` > 0: dynamic loss scaling from
   that scale, for float16)."""
   init = functools.partial(_init_state, model, tx, ema=ema, loss_scale=loss_scale)
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(seed))
+  key = jax.random.PRNGKey(seed)
+  lowered = jax.jit(init, out_shardings=parallel.replicated(mesh)).lower(key)
+  return lowered.compile(compiler_options=init_compiler_options(mesh, lowered.out_info.params))(key)
+
+
+# On a CPU, LLVM's default optimisation makes the init's compile slow and gains it nothing: the random draws
+# of every layer's initializer (threefry, unrolled) take 16-19 s to compile for a 1/8-width VGG16 whose init
+# then runs in 10 ms; at XLA's backend optimisation level 0 the compile takes 1.5 s and the run 40 ms. The
+# slower run costs about 0.1 us per parameter (VGG16 at full size: 16 s at level 0, 3 s at the default, for a
+# compile of 3 s and 10 s), so level 0 is used up to INIT_FAST_COMPILE_PARAMS parameters, where the run it
+# slows stays under 2 s (BENCHMARKS.md, "Start-up of a short run"). Other platforms compile as always.
+INIT_FAST_COMPILE_PARAMS = 20_000_000
+
+
+def init_compiler_options(mesh, params) -> dict | None:
+  """XLA options for compiling the init (None: the defaults): see INIT_FAST_COMPILE_PARAMS."""
+  if mesh.devices.flat[0].platform != 'cpu':
+    return None
+  size = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
+  return {'xla_backend_optimization_level': 0} if size <= INIT_FAST_COMPILE_PARAMS else None
 
 
 def reset_ema(state: TrainState) -> TrainState:
