@@ -320,3 +320,30 @@ def test_paper_configs_are_valid_and_select_the_scale():
   with pytest.raises(ValueError, match="'512' is not one of 256, 384, jitter"):
     vgg16.get_config('512')
   assert math.isclose(vgg16.get_config('384').optimizer.lr, 1e-3)
+
+
+def test_init_compiles_at_level_0_on_a_cpu_up_to_the_threshold(monkeypatch):
+  """create_train_state's init on a CPU: XLA's backend optimisation level 0 up to INIT_FAST_COMPILE_PARAMS
+  parameters (a 10x faster compile: benchmarks/init_compile.py), the defaults above it."""
+  from vggjax import train_step
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  params = jax.eval_shape(lambda: models.get_model('vgg11', **SMALL).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))['params']
+  assert train_step.init_compiler_options(mesh, params) == {'xla_backend_optimization_level': 0}
+  monkeypatch.setattr(train_step, 'INIT_FAST_COMPILE_PARAMS', 1000)
+  assert train_step.init_compiler_options(mesh, params) is None
+
+
+@pytest.mark.slow
+def test_glorot_init_at_level_0_is_bitwise_the_default_compiles(monkeypatch):
+  """Glorot's uniform init (the study's, configs/paper_mini.py) is the same bits at level 0 as at the
+  default optimisation: the fast compile changed no run that uses it."""
+  from vggjax import train_step
+  model = models.get_model('vgg11', **{**SMALL, 'width': 1 / 16, 'fc_features': 16})
+  tx = optim.make_optimizer(default.get_config().optimizer)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  fast = train.create_train_state(model, tx, mesh, seed=3)
+  monkeypatch.setattr(train_step, 'INIT_FAST_COMPILE_PARAMS', 0)
+  slow = train.create_train_state(model, tx, mesh, seed=3)
+  for a, b in zip(jax.tree_util.tree_leaves(fast.params), jax.tree_util.tree_leaves(slow.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
