@@ -97,11 +97,11 @@ def create_train_state(model: models.VGG, tx: optax.GradientTransformation, mesh
 
 
 # On a CPU, LLVM's default optimisation makes the init's compile slow and gains it nothing: the random draws
-# of every layer's initializer (threefry, unrolled) take 16-19 s to compile for a 1/8-width VGG16 whose init
-# then runs in 10 ms; at XLA's backend optimisation level 0 the compile takes 1.5 s and the run 40 ms. The
-# slower run costs about 0.1 us per parameter (VGG16 at full size: 16 s at level 0, 3 s at the default, for a
-# compile of 3 s and 10 s), so level 0 is used up to INIT_FAST_COMPILE_PARAMS parameters, where the run it
-# slows stays under 2 s (BENCHMARKS.md, "Start-up of a short run"). Other platforms compile as always.
+# of every layer's initializer take 7-10 s to compile for a 1/8-width VGG (16-19 s on a loaded machine), whose
+# init then runs in 10 ms; at XLA's backend optimisation level 0 the compile takes 1.0-1.3 s. Level 0 runs
+# the draws slower (VGG16 at full size: 6.5-7.2 s instead of 1.6-1.8 s, for a compile of 1.4-1.6 s instead of
+# 4.3-5.9 s), so it is used up to INIT_FAST_COMPILE_PARAMS parameters, where the time it adds to the run stays
+# under a second (BENCHMARKS.md, "The init's compile on a CPU"). Other platforms compile as always.
 INIT_FAST_COMPILE_PARAMS = 20_000_000
 
 
