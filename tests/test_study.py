@@ -97,3 +97,32 @@ def test_toy_study_runs_every_step_and_resumes(tmp_path):
                        capture_output=True, text=True, env=subprocess_env(1), timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert '### Table 3' in doc.read_text() and '| claim |' in doc.read_text()
+
+
+def _cuts(curve: list[float], patience: int) -> list[int]:
+  """The epochs (1-based) at which configs/paper_mini.py's plateau schedule, with `patience`, cuts the lr
+  when fed this validation top-1 curve (one evaluation an epoch)."""
+  sys.path.insert(0, str(REPO))
+  from configs import paper_mini
+  from vggjax import optim
+  cfg = paper_mini.get_config('E,fixed').optimizer
+  cfg.plateau_patience = patience
+  schedule = optim.Schedule.from_config(cfg, steps_per_epoch=156, total_steps=16 * 156)
+  return [epoch for epoch, top1 in enumerate(curve, 1) if schedule.on_eval(top1)]
+
+
+def test_the_studys_schedule_does_not_cut_on_a_dip_of_noise():
+  """The first study's curves (docs/paper_miniature/raw_patience1, val top-1 % of 1,000 pictures, up to their
+  first cut): with patience 1 each was cut on one dip of noise while still rising; configs/paper_mini.py's
+  patience leaves them alone and still cuts a flat curve."""
+  from configs import paper_mini
+  rising = {'E_fixed_s0': [20, 26, 27, 30, 28], 'A_fixed_s1': [13, 14, 19, 19], 'D_fixed_s0': [21, 25, 28, 30, 27],
+            'B_fixed_s1': [19, 20, 24, 26, 26, 28, 31, 29]}
+  for name, curve in rising.items():
+    assert _cuts(curve, 1), name  # what happened in the first study
+    assert _cuts(curve, paper_mini.PLATEAU_PATIENCE) == [], name
+    raw = REPO / 'docs' / 'paper_miniature' / 'raw_patience1' / f'{name}.jsonl'
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if 'val_top1' in line]
+    assert [round(r['val_top1'] * 100) for r in rows[:len(curve)]] == curve, name  # the recorded curve
+  flat = [20, 26, 27, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30]
+  assert _cuts(flat, paper_mini.PLATEAU_PATIENCE) == [7, 10, 13]
