@@ -27,7 +27,8 @@ partial study already fills every table once):
 Evaluations are on the task's test split (the nets chose their learning rates on its validation split).
 Each step's directory is ROOT/NAME_sS. Running the command again skips the complete steps (a training run
 that reached its last step, an evaluation with its eval.json) and resumes an interrupted training run from
-its checkpoint; a failed step is reported and the steps that need it are left for the next run, the others go
+its checkpoint, and a step whose raw result is recorded (below) and whose dependants all have theirs is not run
+again, so a study moved without its run directories goes on where its results stop; a failed step is reported and the steps that need it are left for the next run, the others go
 on. Every finished step's raw result (metrics.jsonl of a training run, eval.json of an evaluation) is copied
 to RESULTS/NAME_sS.json[l] (default docs/paper_miniature/raw), which `--summary` reads: the tables regenerate
 without retraining. The steps run niced (--nice, default 10) with a compilation cache under ROOT, --jobs of them at a time
@@ -149,6 +150,21 @@ def status(step: Step) -> str:
   return sweep.run_summary(step.workdir)['status']
 
 
+def needed_steps(steps: list[Step], results: str) -> set[str]:
+  """The steps that must run (or be complete in ROOT): those whose raw result is not in `results`, and the
+  parents of a step that must run (it reads their run directories). A step whose result is recorded and whose
+  dependants all have theirs is not run again: the tables need only the raw results, so a study moved to a new
+  machine without its run directories resumes with the first step whose result is missing (delete a raw
+  result to run its step again)."""
+  needed: set[str] = set()
+  for step in reversed(steps):  # the plan lists parents first: every dependant is decided before its parents
+    if not os.path.exists(_result_path(step, results)):
+      needed.add(step.name)
+    if step.name in needed:
+      needed.update(step.parents)
+  return needed
+
+
 def save_result(step: Step, results: str, root: str) -> str:
   """Copies a finished step's raw result into `results` (metrics.jsonl of a training run, eval.json of an
   evaluation, the task's manifest), with the study's directory written as ROOT and the checkout's as '.'."""
@@ -185,12 +201,17 @@ def run(args: argparse.Namespace) -> int:
   index = {s.name: i for i, s in enumerate(steps, 1)}
   done, failed, left_out, running = set(), [], set(), {}  # running: name -> (step, process, log, start time)
   t_start = time.time()
+  needed = needed_steps(everything, args.results)
   for step in steps:
     if status(step) == 'complete':
       done.add(step.name)
       if not os.path.exists(_result_path(step, args.results)):
         save_result(step, args.results, root)
       print(f'# [{index[step.name]}/{len(steps)}] {step.name}: complete, skipped', file=sys.stderr)
+    elif step.name not in needed:
+      done.add(step.name)
+      print(f'# [{index[step.name]}/{len(steps)}] {step.name}: its result is in {args.results} and no step '
+            'left to run needs its run directory; skipped', file=sys.stderr)
   pending = [s for s in steps if s.name not in done]
   known = {s.name for s in steps}
   for step in everything:  # --only: the parents outside the selection count if they are complete

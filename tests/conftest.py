@@ -77,6 +77,16 @@ def pytest_unconfigure(config):
     shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
+# XLA's CPU backend at optimisation level 0 without LLVM's expensive passes: for subprocesses that compile
+# tiny nets and hardly run them (a chain of 3-step runs, a harness check), where compiling is their time
+# (design decision 42). Appended to XLA_FLAGS, so a forced instruction set stays.
+FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def fast_compile_env() -> dict:
+  return {'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()}
+
+
 def subprocess_env(num_devices: int = 8, cache: bool = True, **extra) -> dict:
   """Environment for running the real CLI in a subprocess on `num_devices` CPU devices; with the session's
   compilation cache unless ``cache=False`` (a process of a multi-process run: cli_util.MULTIPROCESS_CACHE)."""

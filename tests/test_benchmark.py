@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, reference_module, subprocess_env
+from conftest import REPO, fast_compile_env, reference_module, subprocess_env
 
 from vggjax import benchmark as vb
 from vggjax import hardware, metrology
@@ -21,7 +21,7 @@ TINY = ['--model=vgg11', '--width=0.015625', '--fc-features=16', '--num-classes=
 TINY_MACS = 27648 + 4608 + 4608 + 9216 + 4608 + 9216 + 2304 + 2304 + 128 + 256 + 160  # 65056
 TINY_OPTIONS = dict(num_classes=10, width=1 / 64, fc_features=16)
 # Compilation with LLVM's cheap settings: these tests check the harness, not the speed.
-FAST_COMPILE = {'XLA_FLAGS': '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
+FAST_COMPILE = fast_compile_env()
 
 
 def test_flops_and_mfu_on_a_hand_computed_case():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, fast_compile_env, subprocess_env
 
 PAPER = str(REPO / 'launch' / 'paper.py')
 TRAIN_STEPS = ['A256', 'B256', 'C256', 'D256', 'E256', 'C384', 'D384', 'E384',
@@ -16,7 +16,7 @@ TRAIN_STEPS = ['A256', 'B256', 'C256', 'D256', 'E256', 'C384', 'D384', 'E384',
 
 def _paper(*args, **kw):
   return subprocess.run([sys.executable, PAPER, *args], capture_output=True, text=True,
-                        env=subprocess_env(1), cwd=kw.pop('cwd', None), timeout=kw.pop('timeout', 600))
+                        env=subprocess_env(1, **fast_compile_env()), cwd=kw.pop('cwd', None), timeout=kw.pop('timeout', 600))
 
 
 def test_dry_run_prints_the_whole_chain_in_order(tmp_path):

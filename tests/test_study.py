@@ -3,12 +3,15 @@ whole chain at toy size (task, every run, every evaluation, the summary, the res
 
 import json
 import math
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, fast_compile_env, subprocess_env
 
 sys.path.insert(0, str(REPO / 'launch'))
 import study  # noqa: E402
@@ -72,11 +75,15 @@ def test_verdicts_follow_the_per_seed_differences(tmp_path):
     assert (tmp_path / 'paper_miniature' / png).stat().st_size > 1000
 
 
+# The toy chain's 26 processes compile tiny nets and run them 3 steps: compiled at level 0 (design 42).
+ENV = subprocess_env(1, **fast_compile_env())
+
+
 @pytest.mark.slow
 def test_toy_study_runs_every_step_and_resumes(tmp_path):
   root, raw = tmp_path / 'study', tmp_path / 'raw'
   cmd = [sys.executable, STUDY, f'--root={root}', '--toy', '--seeds=1', f'--results={raw}', '--nice=0']
-  out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(1), timeout=1200)
+  out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1200)
   assert out.returncode == 0, out.stderr[-4000:]
   names = [s.name for s in study.plan(str(root), seeds=1, toy=True)]
   assert f'{len(names)} of {len(names)} steps complete' in out.stderr
@@ -90,13 +97,40 @@ def test_toy_study_runs_every_step_and_resumes(tmp_path):
   warm = (root / 'B_fixed_s0.log').read_text()
   assert 'warm start from' in warm and 'copied 7 layers' in warm
   # Everything is there: a second run skips every step; the summary regenerates from the raw results alone.
-  again = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(1), timeout=600)
+  again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
   assert again.returncode == 0 and again.stderr.count('complete, skipped') == len(names)
+  # Moved without its run directories (a new machine): the recorded results stand, nothing runs again.
+  for name in names[1:]:
+    shutil.rmtree(root / name)
+  moved = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+  assert moved.returncode == 0, moved.stderr[-3000:]
+  assert moved.stderr.count('no step left to run needs its run directory; skipped') == len(names) - 1
+  assert not any((root / name).exists() for name in names[1:])
   doc = tmp_path / 'paper_miniature.md'
   out = subprocess.run([sys.executable, STUDY, f'--root={root}', '--summary', f'--results={raw}', f'--doc={doc}'],
-                       capture_output=True, text=True, env=subprocess_env(1), timeout=300)
+                       capture_output=True, text=True, env=ENV, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert '### Table 3' in doc.read_text() and '| claim |' in doc.read_text()
+
+
+def test_a_missing_result_runs_its_step_and_the_steps_it_reads(tmp_path):
+  """needed_steps: with every raw result recorded nothing runs; without one, its step and every step whose run
+  directory it reads, back to the task; without a leaf's, only the leaf and its ancestry."""
+  steps = study.plan(str(tmp_path / 'study'), seeds=2)
+  by_name = {s.name: s for s in steps}
+  raw = tmp_path / 'raw'
+  raw.mkdir()
+  for s in steps:
+    pathlib.Path(study._result_path(s, str(raw))).write_text('{}')
+  assert study.needed_steps(steps, str(raw)) == set()
+  os.remove(study._result_path(by_name['loc_scr_s1'], str(raw)))
+  assert study.needed_steps(steps, str(raw)) == {'loc_scr_s1', 'D_scr_s1', 'D_fixed_s1', 'A_fixed_s1', 'A_pre_s1',
+                                                 'task'}
+  os.remove(study._result_path(by_name['table3_s0'], str(raw)))
+  needed = study.needed_steps(steps, str(raw))
+  assert {n for n in needed if n.endswith('_s0')} == {f'{c}_s0' for c in study.CLASSIFIERS} | {
+      'table3_s0', 'A_pre_s0', 'A-LRN_pre_s0', 'D_pre_s0', 'E_pre_s0'}
+  assert not needed & {'D_pcr_s0', 'D_scr_s0', 'D_pcr-fc_s0', 'loc_pcr_s0', 'table4f_s0', 'table5_s0'}
 
 
 def _cuts(curve: list[float], patience: int) -> list[int]:
