@@ -34,6 +34,7 @@ TABLE4 = lambda n: 'table4j' if n.endswith('jitter') else 'table4f'  # noqa: E73
 NO_BETTER = ('E (19) no worse than D (16), with jitter', 'LRN does not help: A-LRN no better than A',
              'D from A (warm start) ends no worse than D from scratch',
              'E from A (warm start) ends no worse than E from scratch')
+BOX_BASELINES = 'box_baselines.json'  # launch/study_box_baselines.py's output, in the raw results
 BEGIN, END = '<!-- summary:begin (launch/study.py --summary writes this part) -->', '<!-- summary:end -->'
 
 
@@ -47,6 +48,10 @@ def load(results: str) -> dict[str, dict[int, object]]:
     with open(path) as f:
       value = ([json.loads(x) for x in f if x.strip()] if m.group(3) == 'jsonl' else json.load(f))
     out.setdefault(m.group(1), {})[int(m.group(2))] = value
+  baselines = os.path.join(results, BOX_BASELINES)
+  if os.path.exists(baselines):  # launch/study_box_baselines.py: no net, no seed
+    with open(baselines) as f:
+      out['_box_baselines'] = json.load(f)
   return out
 
 
@@ -165,7 +170,7 @@ def rows_val(rows: list[dict]) -> list[tuple[float, float]]:
 
 
 def tables(raw) -> str:
-  seeds = sorted({s for v in raw.values() for s in v})
+  seeds = sorted({s for name, v in raw.items() if not name.startswith('_') for s in v})
   lines = [f'Seeds in: {len(seeds)} ({", ".join(map(str, seeds)) or "none"}). Errors in %, mean ± standard error '
            f'over seeds, on the task\'s 2,000 test pictures; the paper\'s on ImageNet\'s validation set.', '']
   lines += ['### Table 3: single test scale (dense)', '',
@@ -203,6 +208,11 @@ def tables(raw) -> str:
     c1, d1 = loc_cell(raw, head, 'crop'), loc_cell(raw, head, 'dense')
     lines.append(f'| {head.split("-")[0].upper()} | {what} | {fmt(list(g.values()))} | {fmt(list(c1.values()))} '
                  f'| {fmt(list(d1.values()))} | {PAPER_T8.get(head, "-") if head != "scr" else "36.4 (fc only)"} |')
+  base = raw.get('_box_baselines')
+  if base:  # the same central crops, no net: what a regressor of the crop could reach, and knowing nothing
+    for key, what in (('mean_box', 'no net: the training crops\' mean box'),
+                      ('oracle', 'no net: the true box clipped to the crop')):
+      lines.append(f'| {what} | - | {100 * base[key]["error"]:.1f} | - | - | - |')
   lines += ['', '### The paper\'s orderings', '',
             '| claim | the paper | table | difference (points, mean ± s.e.) | verdict |', '|---|---|---|---:|---|']
   for claim, paper, table, better, worse in claims(raw):

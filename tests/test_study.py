@@ -67,8 +67,12 @@ def test_verdicts_follow_the_per_seed_differences(tmp_path):
   assert summary.verdict({0: 0.3}, {0: 0.4}) == 'one seed'
   doc = tmp_path / 'doc.md'
   doc.write_text('# hand-written head\n\n' + summary.BEGIN + '\nold\n' + summary.END + '\n\nhand-written tail\n')
+  (raw / summary.BOX_BASELINES).write_text(json.dumps({'mean_box': {'mean_iou': 0.26, 'error': 0.9145},
+                                                        'oracle': {'mean_iou': 0.87, 'error': 0.0505}}))
   assert summary.main(str(raw), str(doc)) == 0
   text = doc.read_text()
+  assert "| no net: the training crops' mean box | - | 91.5 |" in text
+  assert '| no net: the true box clipped to the crop | - | 5.1 |' in text
   assert text.startswith('# hand-written head') and text.rstrip().endswith('hand-written tail')
   assert 'old' not in text and '| B | 36 | 36.0 ± 0.6 |' in text  # mean 36.0, s.e. 0.58 points
   for png in ('error_vs_depth.png', 'test_scales.png', 'warm_start.png'):
@@ -131,6 +135,27 @@ def test_a_missing_result_runs_its_step_and_the_steps_it_reads(tmp_path):
   assert {n for n in needed if n.endswith('_s0')} == {f'{c}_s0' for c in study.CLASSIFIERS} | {
       'table3_s0', 'A_pre_s0', 'A-LRN_pre_s0', 'D_pre_s0', 'E_pre_s0'}
   assert not needed & {'D_pcr_s0', 'D_scr_s0', 'D_pcr-fc_s0', 'loc_pcr_s0', 'table4f_s0', 'table5_s0'}
+
+
+def test_box_baselines_hand_computed(tmp_path):
+  """launch/study_box_baselines.py on three 40x40 pictures (Q = 40, so the central crop is the picture
+  itself, rescale 1): the oracle is the true box, the mean box is the training picture's box, the whole
+  picture is 40x40."""
+  import study_box_baselines
+  from PIL import Image
+  boxes = {'train/0_a/0.png': [[4, 4, 20, 20]], 'test/0_a/1.png': [[4, 4, 20, 20]],
+           'test/0_a/2.png': [[20, 20, 36, 36]]}
+  for k in boxes:
+    (tmp_path / k).parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (40, 40)).save(tmp_path / k)
+  (tmp_path / 'boxes.json').write_text(json.dumps(boxes))
+  out = study_box_baselines.baselines(str(tmp_path), scale=40, size=40)
+  assert out['pictures'] == 2
+  assert out['oracle'] == {'mean_iou': 1.0, 'error': 0.0}
+  assert out['mean_box'] == {'mean_iou': 0.5, 'error': 0.5}  # right on one picture, disjoint on the other
+  assert out['whole_picture'] == {'mean_iou': 0.16, 'error': 1.0}  # 16*16 / 40*40
+  with pytest.raises(ValueError, match="no pictures of split 'val'"):
+    study_box_baselines.baselines(str(tmp_path), scale=40, size=40, split='val')
 
 
 def _cuts(curve: list[float], patience: int) -> list[int]:
