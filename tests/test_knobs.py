@@ -101,6 +101,7 @@ def _reference_step(model, tx, mesh, norm=Normalization(), color_shift=0.1, nan_
   return jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['vgg11', 'vgg11_bn'])
 def test_default_knobs_leave_the_papers_step_unchanged_bit_for_bit(name):
   """configs/default.py's knobs (no EMA, no label smoothing, no clipping) give the step of commit 81c2bfa:
@@ -157,6 +158,7 @@ def _opt(**kw):
   return o
 
 
+@pytest.mark.slow
 def test_clip_norm_clips_the_update_and_grad_norm_is_logged_before_clipping():
   model = models.get_model('vgg11', **SMALL)
   mesh = parallel.make_mesh()
@@ -172,6 +174,7 @@ def test_clip_norm_clips_the_update_and_grad_norm_is_logged_before_clipping():
   np.testing.assert_allclose(float(optax.global_norm(delta)), lr * clip, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_ema_is_the_moving_average_of_the_applied_parameters():
   model = models.get_model('vgg11', **SMALL)
   mesh = parallel.make_mesh()
@@ -258,6 +261,7 @@ def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile
 # float16 with dynamic loss scaling (jmp), keep-best checkpoints.
 
 
+@pytest.mark.slow
 def test_float16_step_skips_an_overflow_halves_the_scale_and_stops_on_a_real_divergence():
   model = models.get_model('vgg11', **{**SMALL, 'dtype': 'float16'})
   mesh = parallel.make_mesh()

@@ -163,6 +163,7 @@ def test_fully_convolutional_one_set_of_params(name):
     model.apply(variables, x224[:, :200])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_float32_params():
   model = models.get_model('vgg11', width=1 / 8, fc_features=64, num_classes=5, image_size=32,
                            dtype='bfloat16', init='glorot')
