@@ -27,12 +27,13 @@ partial study already fills every table once):
 Evaluations are on the task's test split (the nets chose their learning rates on its validation split).
 Each step's directory is ROOT/NAME_sS. Running the command again skips the complete steps (a training run
 that reached its last step, an evaluation with its eval.json) and resumes an interrupted training run from
-its checkpoint, and a step whose raw result is recorded (below) and whose dependants all have theirs is not run
-again, so a study moved without its run directories goes on where its results stop; a failed step is reported and the steps that need it are left for the next run, the others go
-on. Every finished step's raw result (metrics.jsonl of a training run, eval.json of an evaluation) is copied
-to RESULTS/NAME_sS.json[l] (default docs/paper_miniature/raw), which `--summary` reads: the tables regenerate
-without retraining. The steps run niced (--nice, default 10) with a compilation cache under ROOT, --jobs of them at a time
-(each as soon as its parents are complete).
+its checkpoint; a step whose raw result is recorded (below) and whose dependants all have theirs is not run
+again, so a study moved without its run directories goes on where its results stop. A failed step is
+reported and the steps that need it are left for the next run; the others go on. Every finished step's raw
+result (metrics.jsonl of a training run, eval.json of an evaluation) is copied to RESULTS/NAME_sS.json[l]
+(default docs/paper_miniature/raw), which `--summary` reads: the tables regenerate without retraining. The
+steps run niced (--nice, default 10) with a compilation cache under ROOT, --jobs of them at a time (each as
+soon as its parents are complete).
 """
 
 from __future__ import annotations

@@ -283,7 +283,8 @@ def plots(raw, out_dir: str) -> list[str]:
           ax.plot([p[0] for p in pts], [100 * (1 - p[1]) for p in pts], ls=ls, color=colour, alpha=0.8,
                   label=f'{n} {"from A" if kind == "fixed" else "from scratch"}' if i == 0 else None)
   written.append(_finish(plt, fig, ax, 'epoch', 'top-1 validation error (%)',
-                         'Warm start from A vs from scratch (its own curriculum; one line per seed)', os.path.join(out_dir, 'warm_start.png')))
+                         'Warm start from A vs from scratch\n(from scratch: its own curriculum stage; one line per '
+                         'seed)', os.path.join(out_dir, 'warm_start.png')))
   return written
 
 
