@@ -34,6 +34,9 @@ TABLE4 = lambda n: 'table4j' if n.endswith('jitter') else 'table4f'  # noqa: E73
 NO_BETTER = ('E (19) no worse than D (16), with jitter', 'LRN does not help: A-LRN no better than A',
              'D from A (warm start) ends no worse than D from scratch',
              'E from A (warm start) ends no worse than E from scratch')
+# A no-better claim holds as 'no difference' when the difference is within this (2 points of error, with
+# twice its standard error): the paper's own 'about equal' differences are 0.1-1 point.
+EQUIVALENCE = 0.02
 BOX_BASELINES = 'box_baselines.json'  # launch/study_box_baselines.py's output, in the raw results
 BEGIN, END = '<!-- summary:begin (launch/study.py --summary writes this part) -->', '<!-- summary:end -->'
 
@@ -101,8 +104,10 @@ def loc_cell(raw, head: str, protocol: str, metric: str = 'top1_error') -> dict[
 
 def verdict(better: dict[int, float], worse: dict[int, float], no_better: bool = False) -> str:
   """The paper says `better` has the lower error than `worse` or, with `no_better`, that `worse` is no
-  better than `better` (LRN does not help; E about equal to D): then no difference beyond the error also
-  agrees with the paper ('reproduced: no difference'), and only `worse` clearly better contradicts it."""
+  better than `better` (LRN does not help; E about equal to D): then `worse` clearly worse agrees, `worse`
+  clearly better contradicts, and no difference agrees ('reproduced: no difference') only when the whole
+  interval (mean ± 2 s.e.) of the difference lies within EQUIVALENCE: a difference lost in its error is
+  not distinguishable, not evidence of equality."""
   seeds = sorted(set(better) & set(worse))
   if not seeds:
     return 'not run yet'
@@ -111,7 +116,9 @@ def verdict(better: dict[int, float], worse: dict[int, float], no_better: bool =
   m, se = mean_se([worse[s] - better[s] for s in seeds])
   if abs(m) > 2 * se:
     return 'reproduced' if m > 0 else 'contradicted'
-  return 'reproduced: no difference' if no_better else 'not distinguishable'
+  if no_better and abs(m) + 2 * se <= EQUIVALENCE:
+    return 'reproduced: no difference'
+  return 'not distinguishable'
 
 
 def diff(better: dict[int, float], worse: dict[int, float]) -> str:

@@ -61,7 +61,11 @@ def test_verdicts_follow_the_per_seed_differences(tmp_path):
   assert got['D (3x3 convs) beats C (1x1 convs in blocks 3-5)'] == 'contradicted'
   assert got['D (16) beats B (13)'] == 'not distinguishable'  # differences 1, -2, 1 points
   assert got['E (19) no worse than D (16), with jitter'] == 'not run yet'
-  assert summary.verdict({0: .3, 1: .31}, {0: .31, 1: .3}, no_better=True) == 'reproduced: no difference'
+  assert summary.verdict({0: .3, 1: .305}, {0: .305, 1: .3}, no_better=True) == 'reproduced: no difference'
+  # A difference lost in its error is no evidence of equality (E 12 points worse than D, s.e. 8).
+  assert summary.verdict({0: .45, 1: .50}, {0: .49, 1: .22}, no_better=True) == 'not distinguishable'
+  assert summary.verdict({0: .3, 1: .3}, {0: .35, 1: .36}, no_better=True) == 'reproduced'  # clearly worse
+  assert summary.verdict({0: .3, 1: .3}, {0: .25, 1: .24}, no_better=True) == 'contradicted'
   m, se = summary.mean_se([0.05, 0.05, 0.05])
   assert math.isclose(m, 0.05) and se < 1e-12
   assert summary.verdict({0: 0.3}, {0: 0.4}) == 'one seed'
