@@ -27,11 +27,15 @@ from vggjax import boxes as boxes_lib  # noqa: E402
 from vggjax.data import transforms  # noqa: E402
 
 
-def _crop_geometry(path: str, scale: int, size: int):
-  w0, h0 = Image.open(path).size
+def _crop_box(boxes: dict, data_dir: str, key: str, scale: int, size: int):
+  """The central crop at Q = scale of picture `key` and its box: (picture hw, rescaled hw, top, left, the
+  largest visible true box clipped to the crop (x0, y0, x1, y1), whether one is visible)."""
+  w0, h0 = Image.open(os.path.join(data_dir, key)).size
   h, w = transforms.rescaled_size(h0, w0, scale)
   top, left = boxes_lib.center_crop_offsets((h, w), size)
-  return (h0, w0), (h, w), top, left
+  b, visible = boxes_lib.train_boxes(boxes[key], (h0, w0), (h, w), top, left, size, False)
+  box, valid = boxes_lib.target_box(b, visible)
+  return (h0, w0), (h, w), top, left, box, valid
 
 
 def _to_picture(box, hw0, hw, top, left) -> np.ndarray:
@@ -54,18 +58,14 @@ def baselines(data_dir: str, scale: int = 36, size: int = 32, split: str = 'test
 
   targets = []
   for k in keys('train'):
-    hw0, hw, top, left = _crop_geometry(os.path.join(data_dir, k), scale, size)
-    b, visible = boxes_lib.train_boxes(boxes[k], hw0, hw, top, left, size, False)
-    box, valid = boxes_lib.target_box(b, visible)
+    *_, box, valid = _crop_box(boxes, data_dir, k, scale, size)
     if valid:
       targets.append(boxes_lib.to_target(box, size))
   mean_box = boxes_lib.from_target(np.mean(targets, axis=0), size)
   ious = {'oracle': [], 'mean_box': [], 'whole_picture': []}
   for k in keys(split):
-    hw0, hw, top, left = _crop_geometry(os.path.join(data_dir, k), scale, size)
+    hw0, hw, top, left, box, _ = _crop_box(boxes, data_dir, k, scale, size)
     gt = boxes_lib.as_boxes(boxes[k])
-    b, visible = boxes_lib.train_boxes(boxes[k], hw0, hw, top, left, size, False)
-    box, _ = boxes_lib.target_box(b, visible)
     ious['oracle'].append(boxes_lib.iou(_to_picture(box, hw0, hw, top, left), gt).max())
     ious['mean_box'].append(boxes_lib.iou(_to_picture(mean_box, hw0, hw, top, left), gt).max())
     ious['whole_picture'].append(boxes_lib.iou(np.array([[0, 0, hw0[1], hw0[0]]], np.float64), gt).max())
