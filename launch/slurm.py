@@ -127,6 +127,10 @@ def train_command(args: argparse.Namespace) -> list[str]:
   return cmd + [f'--workdir={args.workdir}', *args.overrides]
 
 
+# A port the kernel has free on this node (bound, then released for the coordinator to bind).
+FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+
+
 def render(args: argparse.Namespace, invocation: str) -> str:
   """The batch script."""
   g = args.gpus_per_node
@@ -172,6 +176,13 @@ def render(args: argparse.Namespace, invocation: str) -> str:
   if args.cpu_devices_per_node:
     lines += [f'# Each process runs on its share of the node\'s {args.cpu_devices_per_node} CPU devices.',
               f'export VGGJAX_NUM_CPU_DEVICES={args.cpu_devices_per_node // tasks_per_node}']
+  if procs > 1:
+    lines += ['# The coordinator\'s port (jax.distributed): one free now on this node, the job\'s first, where',
+              '# process 0 runs. JAX\'s SLURM default, 61440 + job id % 4096, is the same for every step of a job',
+              '# and for jobs whose ids differ by 4096: two runs on one node with one port join each other\'s',
+              '# processes. A JAX_COORDINATOR_PORT set before submitting is kept.',
+              'export JAX_COORDINATOR_PORT="${JAX_COORDINATOR_PORT:-$(' + shlex.quote(args.python) + ' -c ' +
+              shlex.quote(FREE_PORT) + ')}"']
   lines += ['echo "job ${SLURM_JOB_ID:-}${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: '
             '${SLURM_NNODES:-} node(s) (${SLURM_JOB_NODELIST:-}), $(date)"',
             'srun --kill-on-bad-exit=1 ' + shlex.join(train_command(args))]

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shlex
+import socket
 import shutil
 import signal
 import subprocess
@@ -432,10 +433,13 @@ def _fake_tools(tmp_path):
                                   'n=$(wc -l < "$FAKE_LOG"); echo "$((1000 + n));cluster"\n')
   (bin_dir / 'srun').write_text('#!/bin/bash\n{ printf "srun"; printf " %q" "$@"; echo; '
                                 'echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-}"; echo "PWD=$PWD"; '
-                                'echo "SETUP=${SETUP_RAN:-}"; } >> "$FAKE_LOG"\n')
+                                'echo "SETUP=${SETUP_RAN:-}"; echo "PORT=${JAX_COORDINATOR_PORT:-}"; } >> "$FAKE_LOG"\n')
   for tool in ('sbatch', 'srun'):
     (bin_dir / tool).chmod(0o755)
-  return dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(tmp_path / 'log'))
+  # `python` (the script's interpreter, which picks the coordinator's port) is this one.
+  path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ['PATH']])
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COORDINATOR_PORT'}
+  return dict(env, PATH=path, FAKE_LOG=str(tmp_path / 'log'))
 
 
 def test_slurm_submits_and_the_script_runs_srun(tmp_path):
@@ -453,7 +457,18 @@ def test_slurm_submits_and_the_script_runs_srun(tmp_path):
   log = (tmp_path / 'log').read_text().splitlines()[1:]
   assert shlex.split(log[0]) == ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'vggjax.main',
                                  f'--workdir={workdir}', '--config.train.max_steps=5']
-  assert log[1:] == ['JAX_LOCAL_DEVICE_IDS=0,1', f'PWD={tmp_path}', 'SETUP=yes']
+  assert log[1:4] == ['JAX_LOCAL_DEVICE_IDS=0,1', f'PWD={tmp_path}', 'SETUP=yes']
+  # 2 processes: a coordinator port free on this node, not JAX's 61440 + job id % 4096, which every step of
+  # a job, and any job whose id differs by 4096, shares; one set by the user is kept.
+  port = int(log[4].removeprefix('PORT='))
+  with socket.socket() as s:
+    s.bind(('', port))  # still free
+  subprocess.run(['bash', str(script)], check=True, env=dict(env, JAX_COORDINATOR_PORT='23456'), timeout=60)
+  assert (tmp_path / 'log').read_text().splitlines()[-1] == 'PORT=23456'
+  # 1 process: nothing to join, no port.
+  p = subprocess.run([sys.executable, str(REPO / 'launch' / 'slurm.py'), f'--workdir={workdir}',
+                      '--gpus-per-node=1', '--dry-run'], capture_output=True, text=True, env=env, timeout=60)
+  assert p.returncode == 0 and 'JAX_COORDINATOR_PORT' not in p.stdout, p.stderr
 
 
 # ------------------------------------------------------------------------------------------------ sweep.py
