@@ -138,7 +138,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 # pytest-xdist (README's test command: -n 2 --dist loadgroup). A module whose tests share module-scoped
 # fixtures (a trained run, a SLURM cluster, a storage emulator) or start servers runs on one worker, as one
-# group, so its fixtures are built once; the modules below hold independent tests (each builds what it
+# work unit, so its fixtures are built once; the modules below hold independent tests (each builds what it
 # needs), which are spread over the workers one by one: they are the suite's longest.
 SPREAD = frozenset({'test_recipe', 'test_localize', 'test_paper_chain', 'test_train_step', 'test_cli',
                     'test_models', 'test_notebook', 'test_structure', 'test_data_transforms', 'test_boxes'})
@@ -155,7 +155,28 @@ def pytest_collection_modifyitems(config, items):
   rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.module.__name__.rpartition('.')[2] if item.module else '',
                                        len(rank)))
-  for item in items:
-    module = item.module.__name__.rpartition('.')[2] if item.module else ''
-    if module not in SPREAD and not item.get_closest_marker('xdist_group'):
-      item.add_marker(pytest.mark.xdist_group(module))
+
+
+def work_unit(nodeid: str) -> str:
+  """The work unit of a test under `--dist loadgroup`: its module, or the test itself in a SPREAD module;
+  an explicit xdist_group mark (NODEID@GROUP, where pytest still lets xdist rename a test) is its group."""
+  if '@' in nodeid:
+    return nodeid.rpartition('@')[2]
+  path = nodeid.split('::', 1)[0]
+  return nodeid if pathlib.PurePosixPath(path).stem in SPREAD else path
+
+
+# The units are the scheduler's, not xdist_group marks: xdist 3.8 groups marked tests by appending @GROUP to
+# their node ids, which pytest 9.2 no longer lets a plugin change, so the marks were silently ignored and
+# every test was scheduled on its own (each worker built a module's fixtures again: the SLURM cluster and its
+# 2-process job, the TPU compiles, the Keras nets).
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue('dist') != 'loadgroup':
+    return None
+  from xdist.scheduler import LoadGroupScheduling
+
+  class ModuleScheduling(LoadGroupScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return work_unit(nodeid)
+
+  return ModuleScheduling(config, log)

@@ -4,6 +4,9 @@ was, bit for bit, and each knob does what it says."""
 import functools
 import json
 import os
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import REPO, reference_module, subprocess_env
 from configs import default, tiny
 from vggjax import checkpoints, config_lib, localization_model, models, optim, parallel, train
 from vggjax.preprocessing import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Normalization, normalize, pca_lighting
@@ -209,16 +213,37 @@ def test_knob_validation_names_field_value_and_allowed(field, value, message):
 # A run with every knob: EMA evaluated and checkpointed, resumed, read back; the profile trace written.
 
 
-@pytest.mark.slow
-def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile(tmp_path):
-  """Every knob on (float16 with its loss scale, keep_best too): one run of 4 steps, resumed to 8."""
+def knobs_config(profile_steps: int = 2):
+  """Every knob on (float16 with its loss scale, keep_best too), 4 steps."""
   config = tiny.get_config('A')
   config.model.dtype, config.train.keep_best, config.train.keep_checkpoints = 'float16', True, 1
   config.train.max_steps, config.train.eval_every_steps, config.train.checkpoint_every_steps = 4, 4, 4
-  config.train.ema_decay, config.train.label_smoothing, config.train.profile_steps = 0.5, 0.1, 2
+  config.train.ema_decay, config.train.label_smoothing, config.train.profile_steps = 0.5, 0.1, profile_steps
   config.optimizer.clip_norm = 1.0
+  return config
+
+
+# The profiled run in a process of its own: jax.profiler crashes a process that has PyTorch loaded
+# (train.PROFILER_CONFLICTS), and this worker may have run the PyTorch cross-checks.
+PROFILED_RUN = """
+import sys
+sys.path.insert(0, sys.argv[2] + '/tests')
+import test_knobs
+from vggjax import cli, train
+cli.set_cpu_devices()  # VGGJAX_NUM_CPU_DEVICES: the 8 devices of the resumed run here
+train.train_and_evaluate(test_knobs.knobs_config(), sys.argv[1])
+assert 'torch' not in sys.modules
+"""
+
+
+@pytest.mark.slow
+def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile(tmp_path):
+  """Every knob on: one run of 4 steps (profiled, in a fresh process), resumed to 8 here."""
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  out = subprocess.run([sys.executable, '-c', PROFILED_RUN, workdir, str(REPO)], capture_output=True, text=True,
+                       env=subprocess_env(8), timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  config = knobs_config()
   profiles = [f for _, _, files in os.walk(os.path.join(workdir, 'profile')) for f in files]
   assert any(f.endswith('.xplane.pb') for f in profiles), profiles
   config.train.max_steps, config.train.profile_steps = 8, 0
@@ -255,6 +280,21 @@ def test_a_run_with_the_knobs_evaluates_and_resumes_the_ema_and_writes_a_profile
     json.dump(saved, f)
   with pytest.raises(ValueError, match='no EMA weights'):
     checkpoints.load_weights(workdir, weights='ema')
+
+
+def test_profile_steps_with_pytorch_loaded_warn_and_train_on(tmp_path, caplog):
+  """With PyTorch in the process, jax.profiler would crash it (train.PROFILER_CONFLICTS): the steps are not
+  traced, a warning says why, and nothing else changes."""
+  reference_module('torch')
+  run = types.SimpleNamespace(t=types.SimpleNamespace(profile_steps=2), workdir=str(tmp_path))
+  profile = train._Profile(run, start=0)
+  with caplog.at_level('WARNING', logger='vggjax'):
+    for step in range(1, 5):
+      profile.before(step)
+      assert not profile.on
+      profile.after(step, None)
+  assert 'not profiled' in caplog.text and 'torch' in caplog.text
+  assert not os.path.exists(os.path.join(tmp_path, 'profile'))
 
 
 # ----------------------------------------------------------------------------------------------------------

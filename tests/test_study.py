@@ -189,3 +189,51 @@ def test_the_studys_schedule_does_not_cut_on_a_dip_of_noise():
     assert [round(r['val_top1'] * 100) for r in rows[:len(curve)]] == curve, name  # the recorded curve
   flat = [20, 26, 27, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30]
   assert _cuts(flat, paper_mini.PLATEAU_PATIENCE) == [7, 10, 13]
+
+
+FORK_SCRIPT = '''
+import os, sys, time
+import forked_steps
+forked_steps.preload({'VGGJAX_NUM_CPU_DEVICES': '1'}, cwd=sys.argv[1])
+out = sys.argv[2]
+steps = {'dry_run': ['--workdir=' + out + '/run', '--dry_run'],
+         'bad_field': ['--workdir=' + out + '/bad', '--config.train.no_such_field=1'],
+         'bad_flag': ['--workdir=' + out + '/bad', '--no_such_flag']}
+procs = {}
+for name, args in steps.items():
+  argv = [sys.executable, '-m', 'vggjax.main', *args]
+  assert forked_steps.forkable(argv)
+  procs[name] = forked_steps.start(argv, cwd=sys.argv[1], log=open(out + '/' + name + '.log', 'w'), nice=1)
+while any(p.poll() is None for p in procs.values()):
+  time.sleep(0.05)
+print({name: p.returncode for name, p in procs.items()})
+print('parent devices', len(__import__('jax').devices()))
+'''
+
+
+def test_forked_steps_run_each_command_as_its_own_process(tmp_path):
+  """launch/forked_steps.py: children of one process that imported vggjax run `python -m vggjax.main`'s
+  code with their own argv, log file and exit status (0, and 2 for a bad field or flag, as the command
+  line gives); the parent's JAX is untouched by them. The pytest process itself (its backend is up) is
+  refused, so nothing forks a live JAX."""
+  script = tmp_path / 'fork.py'
+  script.write_text(FORK_SCRIPT)
+  env = subprocess_env(1)
+  env['PYTHONPATH'] = str(REPO / 'launch') + os.pathsep + env['PYTHONPATH']
+  out = subprocess.run([sys.executable, str(script), str(REPO), str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "{'dry_run': 0, 'bad_field': 2, 'bad_flag': 2}" in out.stdout, out.stdout
+  assert 'parent devices 1' in out.stdout
+  assert 'no_such_field' in (tmp_path / 'bad_field.log').read_text()
+  assert 'no_such_flag' in (tmp_path / 'bad_flag.log').read_text()
+  dry = (tmp_path / 'dry_run.log').read_text()
+  assert 'global_batch_size' in dry and not (tmp_path / 'run').exists(), dry[-2000:]
+  sys.path.insert(0, str(REPO / 'launch'))
+  import forked_steps
+  import jax
+  jax.devices()
+  with pytest.raises(RuntimeError, match='cannot be forked'):
+    forked_steps.preload({}, cwd=str(REPO))
+  assert not forked_steps.forkable(['/other/python', '-m', 'vggjax.main'])
+  assert not forked_steps.forkable([sys.executable, '-m', 'vggjax.predict'])

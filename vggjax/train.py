@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -266,6 +267,11 @@ class _LogWindow:
     self.t_log, self.step_log = now, end
 
 
+# jax.profiler's trace kills a process that has PyTorch loaded: a segmentation fault in start_trace or
+# stop_trace, whichever was imported first (measured: torch 2.14.1, jax 0.10.2, CPU).
+PROFILER_CONFLICTS = ('torch',)
+
+
 class _Profile:
   """train.profile_steps = n: a jax.profiler trace of steps start+2 .. start+n+1 of this process (the first
   step compiles) in WORKDIR/profile, which TensorBoard's profile tab reads (a gs:// workdir too: the
@@ -278,6 +284,12 @@ class _Profile:
 
   def before(self, step: int) -> None:
     if step == self.first and not self.on:
+      loaded = [m for m in PROFILER_CONFLICTS if m in sys.modules]
+      if loaded:  # the run goes on unprofiled rather than crash
+        log.warning('train.profile_steps: not profiled: jax.profiler crashes a process that has %s loaded '
+                    '(profile a run whose process does not import it)', ', '.join(loaded))
+        self.first = -1
+        return
       jax.profiler.start_trace(self.directory)
       self.on = True
 
