@@ -159,7 +159,7 @@ def pytest_collection_modifyitems(config, items):
 
 def work_unit(nodeid: str) -> str:
   """The work unit of a test under `--dist loadgroup`: its module, or the test itself in a SPREAD module;
-  an explicit xdist_group mark (NODEID@GROUP, where pytest still lets xdist rename a test) is its group."""
+  an xdist_group mark (NODEID@GROUP, where pytest still lets xdist rename a test) is its group."""
   if '@' in nodeid:
     return nodeid.rpartition('@')[2]
   path = nodeid.split('::', 1)[0]

@@ -18,7 +18,7 @@ from vggjax.configs import tiny
 from vggjax.evaluation import inference
 
 # One export per net and format: compile-heavy, so not in the quick loop.
-pytestmark = [pytest.mark.xdist_group('test_export'), pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 RTOL = 1e-4  # float32: max |artefact - reference| <= RTOL * max |reference|
 BATCHES = (1, 3)

@@ -16,8 +16,6 @@ from conftest import reference_module, subprocess_env
 from vggjax import checkpoints, hub, models
 from vggjax.preprocessing import normalize
 
-pytestmark = pytest.mark.xdist_group('test_hub')
-
 torch = reference_module('torch')
 WIDTHS = [4, 'M', 8, 'M', 16, 16, 'M', 32, 32, 'M', 32, 32, 'M']  # VGG-A at 1/16 width
 

@@ -213,12 +213,12 @@ def test_knob_validation_names_field_value_and_allowed(field, value, message):
 # A run with every knob: EMA evaluated and checkpointed, resumed, read back; the profile trace written.
 
 
-def knobs_config(profile_steps: int = 2):
-  """Every knob on (float16 with its loss scale, keep_best too), 4 steps."""
+def knobs_config():
+  """Every knob on (float16 with its loss scale, keep_best too), 4 steps, 2 of them profiled."""
   config = tiny.get_config('A')
   config.model.dtype, config.train.keep_best, config.train.keep_checkpoints = 'float16', True, 1
   config.train.max_steps, config.train.eval_every_steps, config.train.checkpoint_every_steps = 4, 4, 4
-  config.train.ema_decay, config.train.label_smoothing, config.train.profile_steps = 0.5, 0.1, profile_steps
+  config.train.ema_decay, config.train.label_smoothing, config.train.profile_steps = 0.5, 0.1, 2
   config.optimizer.clip_norm = 1.0
   return config
 
@@ -228,9 +228,8 @@ def knobs_config(profile_steps: int = 2):
 PROFILED_RUN = """
 import sys
 sys.path.insert(0, sys.argv[2] + '/tests')
-import test_knobs
-from vggjax import cli, train
-cli.set_cpu_devices()  # VGGJAX_NUM_CPU_DEVICES: the 8 devices of the resumed run here
+import test_knobs  # through conftest: the 8 CPU devices of the resumed run here
+from vggjax import train
 train.train_and_evaluate(test_knobs.knobs_config(), sys.argv[1])
 assert 'torch' not in sys.modules
 """
